@@ -1,0 +1,1 @@
+"""Code that runs inside an instance: standard library and cloudpickle only."""

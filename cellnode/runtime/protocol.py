@@ -1,0 +1,90 @@
+"""The frames the front and an instance exchange over one persistent stream connection.
+
+Standard library only: this module runs inside instances.
+
+A frame is a 5-byte header, a big-endian unsigned 32-bit payload length and a one-byte kind, followed by the
+payload. The front sends one request frame and waits for its one answer frame before it sends the next
+(an instance runs one cell at a time). Payloads are UTF-8 JSON unless said otherwise.
+
+front -> instance:
+  EXECUTE   the input object, `{"name": value, ...}`, already checked against the declared input types
+  PING      empty; answered by PONG once the instance can execute
+
+instance -> front:
+  OK            the output object, `{"name": value, ...}`, already checked against the declared output types
+  PONG          empty
+  CELL_ERROR    `{"error_name": ..., "error_message": ..., "traceback": [...]}`: the cell raised
+  OUTPUT_ERROR  `{"message": ...}`: an output is missing or of the wrong type; the message names it
+  INTERRUPTED   `{"message": ...}`: the cell was interrupted (SIGINT, sent by the front on a timeout)
+  FAILURE       `{"message": ...}`: the instance failed to handle the frame (a bug, not the cell's fault)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+HEADER = struct.Struct(">IB")
+MAX_PAYLOAD = 64 * 1024 * 1024
+
+EXECUTE = ord("E")
+PING = ord("P")
+OK = ord("O")
+PONG = ord("p")
+CELL_ERROR = ord("X")
+OUTPUT_ERROR = ord("V")
+INTERRUPTED = ord("I")
+FAILURE = ord("F")
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent something that is not a frame, or closed the connection mid-frame."""
+
+
+def encode(kind: int, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    return HEADER.pack(len(payload), kind) + payload
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """Read one frame from a blocking socket; None when the peer closed the connection between frames."""
+    header = _recv_exactly(sock, HEADER.size, allow_eof=True)
+    if header is None:
+        return None
+    length, kind = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"Frame of {length} bytes is over the {MAX_PAYLOAD}-byte limit.")
+    payload = _recv_exactly(sock, length, allow_eof=False) if length else b""
+    assert payload is not None
+    return kind, payload
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    """Write one frame to a blocking socket."""
+    sock.sendall(encode(kind, payload))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """Read one frame from an asyncio stream; ProtocolError if the stream ends first."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+        length, kind = HEADER.unpack(header)
+        if length > MAX_PAYLOAD:
+            raise ProtocolError(f"Frame of {length} bytes is over the {MAX_PAYLOAD}-byte limit.")
+        payload = await reader.readexactly(length) if length else b""
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError("The instance closed the connection.") from exc
+    return kind, payload
+
+
+def _recv_exactly(sock: socket.socket, size: int, *, allow_eof: bool) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(min(size - len(chunks), 1 << 20))
+        if not chunk:
+            if allow_eof and not chunks:
+                return None
+            raise ProtocolError("The peer closed the connection in the middle of a frame.")
+        chunks += chunk
+    return bytes(chunks)
