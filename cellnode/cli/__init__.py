@@ -1,1 +1,81 @@
-"""cli."""
+"""The `cellnode` command line. It talks to the server only through the SDK (`cellnode.Client`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cellnode._version import __version__
+from cellnode.cli import checkpoint, folder, iam, node
+from cellnode.cli._common import Connection
+from cellnode.exceptions import CellnodeError
+
+app = typer.Typer(
+    help="cellnode: turn a notebook cell, with its interpreter state, into an authenticated API service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(folder.app, name="folder")
+app.add_typer(iam.app, name="iam")
+app.add_typer(checkpoint.app, name="checkpoint")
+app.add_typer(node.app, name="node")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cellnode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def connection(
+    url: Annotated[
+        str | None, typer.Option(envvar="CELLNODE_URL", help="Server URL. Default: the profile 'serve' wrote.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CELLNODE_TOKEN", help="API key or IAM token. Default: the profile's key.")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Options for every command that talks to a server."""
+    Connection.url, Connection.token = url, token
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(envvar="CELLNODE_HOST", help="Address to listen on. Default: 127.0.0.1.")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(envvar="CELLNODE_PORT", help="HTTP port. Default: 8080; 0 picks a free one.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="CELLNODE_DATA_DIR", help="Database, blobs and logs. Default: ~/.local/share/cellnode."),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(envvar="CELLNODE_LOG_LEVEL", help="debug, info, warning or error. Default: info.")
+    ] = None,
+) -> None:
+    """Run the server: the management and execute APIs, and the nodes' instances. Stop with Ctrl-C or SIGTERM.
+
+    Example: cellnode serve --port 8080 --data-dir ./data
+    """
+    from cellnode.config import load_settings
+    from cellnode.server.serve import serve as run
+
+    run(load_settings(host=host, port=port, data_dir=data_dir, log_level=log_level))
+
+
+def main() -> None:
+    """Entry point: a CellnodeError becomes one line on stderr and exit code 1, never a traceback."""
+    try:
+        app(standalone_mode=True)
+    except CellnodeError as exc:
+        typer.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

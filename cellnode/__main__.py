@@ -1,0 +1,3 @@
+from cellnode.cli import main
+
+main()

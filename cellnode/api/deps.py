@@ -1,0 +1,54 @@
+"""What route handlers share: the server's services and the authenticated caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cellnode.checkpoint.blobs import BlobStore
+from cellnode.config import Settings
+from cellnode.exceptions import NotFound
+from cellnode.iam.credentials import Authenticator, Caller
+from cellnode.router.table import RoutingTable
+from cellnode.store.db import Database
+from cellnode.store.models import Folder
+from cellnode.supervisor.supervisor import Supervisor
+
+
+@dataclass
+class Services:
+    """Everything a running server holds; built by the lifespan, reached from `app.state.services`."""
+
+    settings: Settings
+    db: Database
+    auth: Authenticator
+    blobs: BlobStore
+    table: RoutingTable
+    supervisor: Supervisor
+    default_folder_id: str
+
+
+def services(request: Request) -> Services:
+    result: Services = request.app.state.services
+    return result
+
+
+def caller(request: Request) -> Caller:
+    return services(request).auth.authenticate_sync(request.headers.get("authorization"))
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def resolve_folder(session: Session, svc: Services, who: Caller, folder_id: str | None) -> Folder:
+    """The folder a request names, or the caller's own (a service account's folder, else the default one)."""
+    wanted = folder_id or who.folder_id or svc.default_folder_id
+    folder = session.get(Folder, wanted) or session.scalar(select(Folder).where(Folder.name == wanted))
+    if folder is None:
+        raise NotFound(f"Folder {wanted!r} not found. 'cellnode folder list' shows the folders.")
+    return folder

@@ -1,0 +1,59 @@
+"""Error responses: every error is a `google.rpc.Status` JSON body, mapped in this one place."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge
+
+logger = logging.getLogger("cellnode.api")
+
+_HTTP_CLASSES: dict[int, type[APIError]] = {404: NotFound, 405: InvalidArgument, 413: PayloadTooLarge}
+
+
+def error_response(error: APIError) -> Response:
+    return Response(orjson.dumps(error.to_status()), status_code=error.status_code, media_type="application/json")
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"] if part != "body")
+        value = f" (got {error['input']!r})" if "input" in error and error["type"] != "missing" else ""
+        problems.append(f"{location or 'body'}: {error['msg']}{value}")
+    return error_response(InvalidArgument("Invalid request: " + "; ".join(problems) + "."))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: APIError = NotFound(f"No route {request.method} {request.url.path}. See /docs for the API.")
+    elif exc.status_code == 405:
+        error = InvalidArgument(f"Method {request.method} is not allowed on {request.url.path}. See /docs.")
+    else:
+        error = _HTTP_CLASSES.get(exc.status_code, InternalError)(str(exc.detail))
+    return error_response(error)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("Unexpected error on %s %s", request.method, request.url.path)
+    return error_response(InternalError("Internal error; the server log has the details."))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,144 @@
+"""The execute API, the hot path: `POST /datasphere/v1/nodes/{node_id}:execute` and the header-routed `POST /`.
+
+Per request: the credential comes from the token cache, the node from the in-memory routing table; the body is
+parsed once; the output comes back from the instance as JSON bytes and is wrapped, not parsed again. No database
+query and no new connection. These are plain Starlette endpoints: FastAPI's dependency injection and pydantic
+validation would cost more than the work they do here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cellnode.api.deps import Services
+from cellnode.config import MAX_MESSAGE_BYTES
+from cellnode.exceptions import InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from cellnode.router.table import NodeRoute
+from cellnode.runtime.variables import check_input, type_name
+
+BODY_FIELDS = ("folder_id", "folderId", "node_id", "nodeId", "input")
+
+
+async def execute_node(request: Request) -> Response:
+    """The reference REST call: body `{"folder_id": ..., "input": {...}}`, answer `{"output": {...}}`."""
+    svc: Services = request.app.state.services
+    caller = await svc.auth.authenticate(request.headers.get("authorization"))
+    node_id = request.path_params["node_id"]
+    data = _parse(await read_body(request))
+    if type(data) is not dict:
+        raise InvalidArgument(
+            f"The request body must be a JSON object with 'folder_id' and 'input'; got {type_name(data)}."
+        )
+    for key in data:
+        if key not in BODY_FIELDS:
+            raise InvalidArgument(f"Unknown field {key!r} in the request body; expected 'folder_id' and 'input'.")
+    named = data.get("node_id", data.get("nodeId"))
+    if named is not None and named != node_id:
+        raise InvalidArgument(
+            f"The body names node_id {named!r} but the path names {node_id!r}; remove node_id from the body "
+            "or make the two agree."
+        )
+    folder_id = data.get("folder_id", data.get("folderId")) or request.headers.get("x-folder-id")
+    inputs = data.get("input", {})
+    if type(inputs) is not dict:
+        raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
+    del caller  # the IAM issue checks the caller's role on the folder here
+    return await _run(svc, node_id, folder_id, inputs)
+
+
+async def execute_by_header(request: Request) -> Response:
+    """The node-proxy form: headers `x-node-id` and `x-folder-id`, the input object itself as the body."""
+    svc: Services = request.app.state.services
+    caller = await svc.auth.authenticate(request.headers.get("authorization"))
+    node_id = request.headers.get("x-node-id")
+    if not node_id:
+        if request.headers.get("x-node-alias"):
+            raise NotFound("Aliases are not available on this server yet; call the node with x-node-id.")
+        raise InvalidArgument(
+            "POST / needs an 'x-node-id' header naming the node (and 'x-folder-id'); "
+            "or call POST /datasphere/v1/nodes/{node_id}:execute."
+        )
+    inputs = _parse(await read_body(request))
+    if type(inputs) is not dict:
+        raise InvalidArgument(f"The request body must be a JSON object of input variables; got {type_name(inputs)}.")
+    del caller
+    return await _run(svc, node_id, request.headers.get("x-folder-id"), inputs)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes 16 MB."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
+        raise PayloadTooLarge(_too_large(int(declared)))
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > MAX_MESSAGE_BYTES:
+            raise PayloadTooLarge(_too_large(len(chunks)))
+    return bytes(chunks)
+
+
+async def _run(svc: Services, node_id: str, folder_id: Any, inputs: dict[str, Any]) -> Response:
+    route = svc.table.get(node_id)
+    if route.status == "DELETING":
+        raise NotFound(f"Node {node_id!r} is being deleted.")
+    _check_folder(route, folder_id)
+    _check_inputs(route, inputs)
+    instance = route.choose()
+    deadline = asyncio.get_running_loop().time() + route.timeout
+    output = await instance.execute(orjson.dumps(inputs), deadline=deadline)
+    return Response(b'{"output":' + output + b"}", media_type="application/json")
+
+
+def _check_folder(route: NodeRoute, folder_id: Any) -> None:
+    if not folder_id:
+        raise InvalidArgument(
+            "The request names no folder: send 'folder_id' in the body or the 'x-folder-id' header, "
+            "naming a folder in the node's ACL."
+        )
+    if type(folder_id) is not str:
+        raise InvalidArgument(f"'folder_id' must be a string; got {type_name(folder_id)}.")
+    if folder_id not in route.acl:
+        raise PermissionDenied(
+            f"Folder {folder_id!r} is not in the ACL of node {route.node_id!r}, so it may not call the node. "
+            "Use a folder the node's owner has added to its ACL."
+        )
+
+
+def _check_inputs(route: NodeRoute, inputs: dict[str, Any]) -> None:
+    declared = route.inputs
+    for name, value in inputs.items():
+        kind = declared.get(name)
+        if kind is None:
+            raise InvalidArgument(f"Unknown input variable {name!r}; node {route.node_id!r} takes {_signature(route)}.")
+        try:
+            check_input(name, kind, value)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+    if len(inputs) != len(declared):
+        missing = [name for name in declared if name not in inputs]
+        raise InvalidArgument(
+            f"Input variable {missing[0]!r} is missing; node {route.node_id!r} takes {_signature(route)}."
+        )
+
+
+def _signature(route: NodeRoute) -> str:
+    if not route.inputs:
+        return "no input variables"
+    return ", ".join(f"{name} ({kind})" for name, kind in route.inputs.items())
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"The request body is not valid JSON: {exc}.") from None
+
+
+def _too_large(size: int) -> str:
+    return f"The request body is {size} bytes, over the 16 MB limit ({MAX_MESSAGE_BYTES} bytes); send less data."

@@ -1,0 +1,158 @@
+"""Cell nodes: create (with the checks that catch a broken deployment before it starts), list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cellnode.api.checkpoints import find_checkpoint
+from cellnode.api.deps import CallerDep, Services, ServicesDep, resolve_folder
+from cellnode.api.node_openapi import node_openapi
+from cellnode.api.schemas import NodeCreate, NodeList, NodeOut
+from cellnode.checkpoint.analysis import analyze_cell, transform_cell
+from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cellnode.iam.credentials import Caller
+from cellnode.store.models import Checkpoint, Folder, Node
+
+router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
+
+
+@router.post("", response_model=NodeOut)
+def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOut:
+    """Create a cell node from a pinned checkpoint. It starts as CREATED and turns HEALTHY once its instance is up."""
+    with svc.db.session() as session:
+        folder = resolve_folder(session, svc, caller, body.folder_id)
+        taken = session.scalar(select(Node.id).where(Node.folder_id == folder.id, Node.name == body.name))
+        if taken is not None:
+            raise AlreadyExists(f"Folder {folder.id!r} already has a node named {body.name!r} ({taken}).")
+        checkpoint = find_checkpoint(session, svc, caller, body.checkpoint, folder.id)
+        if checkpoint.pinned_at is None:
+            raise FailedPrecondition(
+                f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
+                f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
+            )
+        cell_code, uses_ipython = check_variables(body, checkpoint)
+        acl = _check_acl(session, body.acl, folder)
+        node = Node(
+            folder_id=folder.id,
+            name=body.name,
+            description=body.description,
+            checkpoint_id=checkpoint.id,
+            inputs=[v.model_dump() for v in body.inputs],
+            outputs=[v.model_dump() for v in body.outputs],
+            acl=acl,
+            timeout=body.timeout,
+            cell_code=cell_code,
+            uses_ipython=uses_ipython,
+            created_by=caller.principal_id,
+        )
+        session.add(node)
+        session.flush()
+        out = NodeOut.model_validate(node)
+    svc.supervisor.notify()
+    return out
+
+
+@router.get("", response_model=NodeList)
+def list_nodes(svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeList:
+    """The nodes of a folder."""
+    with svc.db.session() as session:
+        folder = resolve_folder(session, svc, caller, folder_id)
+        rows = session.scalars(select(Node).where(Node.folder_id == folder.id).order_by(Node.created_at))
+        return NodeList(nodes=[NodeOut.model_validate(row) for row in rows])
+
+
+@router.get("/{ref}", response_model=NodeOut)
+def get_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
+    """One node, by ID or name."""
+    with svc.db.session() as session:
+        return NodeOut.model_validate(find_node(session, svc, caller, ref, folder_id))
+
+
+@router.delete("/{ref}", response_model=NodeOut)
+def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
+    """Delete a node: it turns DELETING at once, and is gone once its instances have stopped."""
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id)
+        node.status, node.status_message = "DELETING", ""
+        session.flush()
+        out = NodeOut.model_validate(node)
+    svc.supervisor.notify()
+    return out
+
+
+@router.get("/{ref}/openapi.json")
+def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> dict[str, Any]:
+    """An OpenAPI document for calling this node, with its typed input and output variables."""
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id)
+        return node_openapi(node)
+
+
+def find_node(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Node:
+    """A node by ID, or by name in the folder."""
+    node = session.get(Node, ref)
+    if node is None:
+        folder = resolve_folder(session, svc, caller, folder_id)
+        node = session.scalar(select(Node).where(Node.folder_id == folder.id, Node.name == ref))
+        if node is None:
+            raise NotFound(
+                f"Node {ref!r} not found in folder {folder.id!r} by ID or name. 'cellnode node list' shows the nodes."
+            )
+    return node
+
+
+def check_variables(body: NodeCreate, checkpoint: Checkpoint) -> tuple[str, bool]:
+    """Refuse declarations the deployed cell cannot satisfy; return the transformed cell and whether it uses IPython."""
+    inputs = [v.name for v in body.inputs]
+    outputs = [v.name for v in body.outputs]
+    for kind, names in (("input", inputs), ("output", outputs)):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidArgument(f"The {kind} variable {duplicates[0]!r} is declared more than once; declare it once.")
+    both = sorted(set(inputs) & set(outputs))
+    if both:
+        raise InvalidArgument(
+            f"Variable {both[0]!r} is declared as both an input and an output; a request's input would come back "
+            "as its output. Use different names (for example 'x' in, 'x_out' out)."
+        )
+    cell_code = transform_cell(checkpoint.cell_source)
+    analysis = analyze_cell(cell_code)
+    where = f"the deployed cell (code cell {checkpoint.cell} of {checkpoint.notebook_name!r})"
+    for name in outputs:
+        if name not in analysis.assigns:
+            raise InvalidArgument(
+                f"Output variable {name!r} is never assigned by {where}. Assign it in that cell, "
+                "or remove it from --output."
+            )
+    if analysis.is_complete:
+        known = set(inputs) | {v["name"] for v in checkpoint.variables} | set(checkpoint.imports)
+        unserializable = {u["name"]: u for u in checkpoint.unserializable}
+        for name in sorted(analysis.reads - known):
+            if name in unserializable:
+                failed = unserializable[name]
+                raise InvalidArgument(
+                    f"{where.capitalize()} reads {name!r}, which could not be serialized when checkpoint "
+                    f"{checkpoint.id!r} was captured ({failed['type']}: {failed['reason']}). Create it inside "
+                    "the deployed cell, or make it serializable and capture the checkpoint again."
+                )
+            raise InvalidArgument(
+                f"{where.capitalize()} reads {name!r}, which is neither an input variable nor in checkpoint "
+                f"{checkpoint.id!r}. Declare it with --input {name}:TYPE, or define it in an earlier cell and "
+                "capture the checkpoint again."
+            )
+    return cell_code, analysis.uses_ipython
+
+
+def _check_acl(session: Session, acl: list[str] | None, folder: Folder) -> list[str]:
+    if acl is None:
+        return [folder.id]
+    for folder_id in acl:
+        if session.get(Folder, folder_id) is None:
+            raise InvalidArgument(
+                f"ACL folder {folder_id!r} does not exist. List folder IDs with 'cellnode folder list'."
+            )
+    return list(dict.fromkeys(acl))

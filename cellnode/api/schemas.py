@@ -1,0 +1,125 @@
+"""Request and response bodies of the management API."""
+
+from __future__ import annotations
+
+import keyword
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+NAME_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+VariableType = Literal["int", "float", "str", "bool", "list", "dict", "any"]
+
+
+def _resource_name(value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(
+            f"name {value!r} is not allowed; use 1-63 lowercase letters, digits and hyphens, "
+            "starting with a letter and not ending with a hyphen (for example 'randomizer-node')"
+        )
+    return value
+
+
+def _identifier(value: str) -> str:
+    if not value.isidentifier() or keyword.iskeyword(value):
+        raise ValueError(f"variable name {value!r} is not a Python identifier; use letters, digits and underscores")
+    return value
+
+
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+Identifier = Annotated[str, AfterValidator(_identifier)]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class FolderOut(_Out):
+    id: str
+    name: str
+    description: str
+    created_at: datetime
+
+
+class FolderList(BaseModel):
+    folders: list[FolderOut]
+
+
+class TokenOut(BaseModel):
+    iam_token: str
+    expires_at: datetime
+
+
+class CheckpointCreate(BaseModel):
+    notebook: str = Field(description="The notebook's content: .ipynb JSON, or a percent-format .py script.")
+    notebook_name: str = Field(min_length=1, max_length=255, description="File name; its extension picks the format.")
+    cell: int | None = Field(None, ge=1, description="Code cell to deploy, counting code cells from 1; default last.")
+    name: ResourceName | None = Field(None, description="Pin the checkpoint under this name.")
+    folder_id: str | None = None
+
+
+class CheckpointOut(_Out):
+    id: str
+    folder_id: str
+    name: str | None
+    pinned: bool
+    notebook_name: str
+    cell: int
+    cell_source: str
+    variables: list[dict[str, Any]]
+    imports: dict[str, str]
+    unserializable: list[dict[str, Any]]
+    python_version: str
+    packages: list[str]
+    stdout: str
+    created_by: str
+    created_at: datetime
+    pinned_at: datetime | None
+    evicted: list[str] = Field(default_factory=list, description="Unpinned checkpoints this one pushed out.")
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
+
+
+class PinRequest(BaseModel):
+    name: ResourceName
+
+
+class VariableDecl(BaseModel):
+    name: Identifier
+    type: VariableType
+
+
+class NodeCreate(BaseModel):
+    name: ResourceName
+    checkpoint: str = Field(description="ID or pinned name of the checkpoint that backs the node.")
+    inputs: list[VariableDecl] = Field(default_factory=list)
+    outputs: list[VariableDecl] = Field(min_length=1)
+    description: str = Field("", max_length=1024)
+    folder_id: str | None = None
+    acl: list[str] | None = Field(None, description="Folder IDs allowed to call the node; default: its own folder.")
+    timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
+
+
+class NodeOut(_Out):
+    id: str
+    folder_id: str
+    name: str
+    description: str
+    type: str
+    checkpoint_id: str | None
+    inputs: list[VariableDecl]
+    outputs: list[VariableDecl]
+    acl: list[str]
+    timeout: float
+    status: str
+    status_message: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeOut]

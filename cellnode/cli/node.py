@@ -1,0 +1,157 @@
+"""`cellnode node ...`"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from cellnode.cli._common import FolderOption, JsonOption, client, emit, fields, table
+from cellnode.runtime.variables import TYPES
+
+app = typer.Typer(help="Nodes: deployed cells, served as authenticated APIs.", no_args_is_help=True)
+
+COLUMNS = [("id", "ID"), ("name", "NAME"), ("status", "STATUS"), ("inputs", "INPUTS"), ("outputs", "OUTPUTS")]
+VARIABLE_HELP = f"NAME:TYPE, repeatable; TYPE is one of {', '.join(TYPES)}."
+
+
+def parse_variable(option: str, text: str) -> dict[str, str]:
+    """`NAME:TYPE` as a declaration; a usage error naming the option and the fix otherwise."""
+    name, sep, kind = text.partition(":")
+    if not sep or not name or kind not in TYPES:
+        raise typer.BadParameter(
+            f"{text!r} must be NAME:TYPE with TYPE one of {', '.join(TYPES)} (for example input_data:dict).",
+            param_hint=option,
+        )
+    return {"name": name, "type": kind}
+
+
+def _show(node: dict[str, Any]) -> None:
+    fields(
+        node,
+        [
+            ("id", "ID"),
+            ("name", "Name"),
+            ("folder_id", "Folder"),
+            ("status", "Status"),
+            ("status_message", "Reason"),
+            ("checkpoint_id", "Checkpoint"),
+            ("inputs", "Inputs"),
+            ("outputs", "Outputs"),
+            ("acl", "ACL"),
+            ("timeout", "Timeout, s"),
+            ("description", "Description"),
+        ],
+    )
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Option("--name", help="Node name, unique in the folder.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Pinned checkpoint: name or ID.")],
+    output: Annotated[list[str], typer.Option("--output", help="Output variable: " + VARIABLE_HELP)],
+    input: Annotated[list[str] | None, typer.Option("--input", help="Input variable: " + VARIABLE_HELP)] = None,
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    folder: FolderOption = None,
+    acl: Annotated[
+        list[str] | None,
+        typer.Option("--acl", help="Folder ID allowed to call the node, repeatable. Default: its own."),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds a request may run. Default: 60.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a cell node from a pinned checkpoint.
+
+    Example: cellnode node create --name randomizer-node --checkpoint randomizer-checkpoint
+    --input input_data:dict --output output_data:dict
+    """
+    inputs = [parse_variable("--input", text) for text in input or []]
+    outputs = [parse_variable("--output", text) for text in output]
+    with client() as api:
+        node = api.create_node(
+            name,
+            checkpoint=checkpoint,
+            inputs=inputs,
+            outputs=outputs,
+            description=description,
+            folder_id=folder,
+            acl=acl,
+            timeout=timeout,
+            wait=wait,
+        )
+    emit(node, as_json, _show)
+
+
+@app.command("list")
+def list_(folder: FolderOption = None, as_json: JsonOption = False) -> None:
+    """List the nodes of a folder.
+
+    Example: cellnode node list
+    """
+    with client() as api:
+        nodes = api.list_nodes(folder_id=folder)
+    emit(nodes, as_json, lambda rows: table(rows, COLUMNS))
+
+
+@app.command()
+def get(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    folder: FolderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a node and its status.
+
+    Example: cellnode node get randomizer-node
+    """
+    with client() as api:
+        found = api.get_node(node, folder_id=folder)
+    emit(found, as_json, _show)
+
+
+@app.command()
+def delete(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    folder: FolderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a node and stop its instances.
+
+    Example: cellnode node delete randomizer-node
+    """
+    with client() as api:
+        found = api.delete_node(node, folder_id=folder)
+    emit(found, as_json, lambda n: typer.echo(f"Deleted node {n['name']} ({n['id']})."))
+
+
+@app.command()
+def execute(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    input: Annotated[str, typer.Option("--input", help="The input variables as a JSON object.")] = "{}",
+    folder: FolderOption = None,
+) -> None:
+    """Call a node through the execute API and print its output variables as JSON.
+
+    Example: cellnode node execute randomizer-node --input '{"input_data": {"left_bound": 1, "right_bound": 10}}'
+    """
+    try:
+        variables = json.loads(input)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from None
+    if not isinstance(variables, dict):
+        raise typer.BadParameter("must be a JSON object of input variables", param_hint="--input")
+    with client() as api:
+        output = api.execute(node, variables, folder_id=folder)
+    typer.echo(json.dumps({"output": output}, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def openapi(node: Annotated[str, typer.Argument(help="Node name or ID.")], folder: FolderOption = None) -> None:
+    """Print the node's OpenAPI document, with its typed variables, for generating a client.
+
+    Example: cellnode node openapi randomizer-node > randomizer.json
+    """
+    with client() as api:
+        document = api.node_openapi(node, folder_id=folder)
+    typer.echo(json.dumps(document, indent=2))

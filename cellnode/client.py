@@ -1,0 +1,253 @@
+"""The SDK: `cellnode.Client` over the public HTTP API. The CLI uses nothing else.
+
+Example:
+    >>> from cellnode import Client
+    >>> client = Client()  # URL and key from CELLNODE_URL / CELLNODE_TOKEN, or the profile `serve` wrote
+    >>> node = client.get_node("randomizer-node")
+    >>> client.execute(node["id"], {"input_data": {"left_bound": 1, "right_bound": 10}})
+    {'output_data': {'generated_value': 6}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cellnode.config import DEFAULT_PORT, default_profile_path
+from cellnode.exceptions import APIError, ConfigError, InternalError, TransportError
+from cellnode.iam.credentials import API_KEY_PREFIX
+
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+Variables = dict[str, str] | list[tuple[str, str]] | list[dict[str, str]]
+
+
+def resolve_connection(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
+    """URL and credential: arguments, then CELLNODE_URL / CELLNODE_TOKEN, then the profile `serve` wrote."""
+    url = url or os.environ.get("CELLNODE_URL")
+    token = token or os.environ.get("CELLNODE_TOKEN")
+    if url is None or token is None:
+        profile_path = default_profile_path()
+        if profile_path.exists():
+            try:
+                profile = json.loads(profile_path.read_text())
+                url = url or profile.get("url")
+                if token is None and profile.get("key_file"):
+                    token = Path(profile["key_file"]).read_text().strip()
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"Cannot read the profile {str(profile_path)!r}: {exc}. "
+                    "Fix or delete it, or pass --url and --token."
+                ) from exc
+    return (url or DEFAULT_URL).rstrip("/"), token
+
+
+def authorization(token: str) -> str:
+    """The Authorization header for an API key (`Api-Key`) or an IAM token (`Bearer`)."""
+    return f"Api-Key {token}" if token.startswith(API_KEY_PREFIX) else f"Bearer {token}"
+
+
+class Client:
+    """A synchronous client of a cellnode server.
+
+    Parameters:
+        url: the server, e.g. `http://127.0.0.1:8080`. Default: CELLNODE_URL, then the profile.
+        token: an API key or an IAM token. Default: CELLNODE_TOKEN, then the key file named in the profile.
+        timeout: seconds to wait for an answer; checkpoint capture passes its own, longer one.
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.url, self._token = resolve_connection(url, token)
+        headers = {"Authorization": authorization(self._token)} if self._token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- folders and IAM
+    def list_folders(self) -> list[dict[str, Any]]:
+        folders: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/folders")["folders"]
+        return folders
+
+    def create_token(self) -> dict[str, Any]:
+        """A new IAM token (`{"iam_token": ..., "expires_at": ...}`), valid 12 hours."""
+        return self._request("POST", "/cellnode/v1/iam/tokens")
+
+    # -- checkpoints
+    def create_checkpoint(
+        self,
+        notebook: str | Path,
+        *,
+        cell: int | None = None,
+        name: str | None = None,
+        folder_id: str | None = None,
+        timeout: float = 900.0,
+    ) -> dict[str, Any]:
+        """Run the notebook's code cells 1..`cell` in a fresh kernel on the server and save its state."""
+        path = Path(notebook)
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Cannot read the notebook {str(path)!r}: {exc}.") from exc
+        body = {"notebook": content, "notebook_name": path.name, "cell": cell, "name": name, "folder_id": folder_id}
+        return self._request("POST", "/cellnode/v1/checkpoints", json=body, timeout=timeout)
+
+    def list_checkpoints(self, *, folder_id: str | None = None) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/checkpoints", params=_folder(folder_id))[
+            "checkpoints"
+        ]
+        return result
+
+    def get_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request("GET", f"/cellnode/v1/checkpoints/{ref}", params=_folder(folder_id))
+
+    def pin_checkpoint(self, ref: str, name: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request(
+            "POST", f"/cellnode/v1/checkpoints/{ref}:pin", json={"name": name}, params=_folder(folder_id)
+        )
+
+    def unpin_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request("POST", f"/cellnode/v1/checkpoints/{ref}:unpin", params=_folder(folder_id))
+
+    def delete_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request("DELETE", f"/cellnode/v1/checkpoints/{ref}", params=_folder(folder_id))
+
+    # -- nodes
+    def create_node(
+        self,
+        name: str,
+        *,
+        checkpoint: str,
+        inputs: Variables,
+        outputs: Variables,
+        description: str = "",
+        folder_id: str | None = None,
+        acl: list[str] | None = None,
+        timeout: float | None = None,
+        wait: bool = True,
+        wait_timeout: float = 180.0,
+    ) -> dict[str, Any]:
+        """Create a cell node; with `wait`, return once it is HEALTHY (or raise if it FAILED)."""
+        body: dict[str, Any] = {
+            "name": name,
+            "checkpoint": checkpoint,
+            "inputs": _variables(inputs),
+            "outputs": _variables(outputs),
+            "description": description,
+            "folder_id": folder_id,
+            "acl": acl,
+        }
+        if timeout is not None:
+            body["timeout"] = timeout
+        node = self._request("POST", "/cellnode/v1/nodes", json=body)
+        return self.wait_node(node["id"], timeout=wait_timeout) if wait else node
+
+    def wait_node(self, ref: str, *, timeout: float = 180.0) -> dict[str, Any]:
+        """Poll until the node is HEALTHY; InternalError if it FAILED, TransportError-free timeout otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            node = self.get_node(ref)
+            if node["status"] == "HEALTHY":
+                return node
+            if node["status"] == "FAILED":
+                raise InternalError(f"Node {node['name']!r} ({node['id']}) failed to start: {node['status_message']}")
+            if time.monotonic() > deadline:
+                raise InternalError(
+                    f"Node {node['name']!r} ({node['id']}) is still {node['status']} after {timeout:.0f} s; "
+                    "see 'cellnode node get' for its status."
+                )
+            time.sleep(0.1)
+
+    def list_nodes(self, *, folder_id: str | None = None) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/nodes", params=_folder(folder_id))["nodes"]
+        return nodes
+
+    def get_node(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request("GET", f"/cellnode/v1/nodes/{ref}", params=_folder(folder_id))
+
+    def delete_node(self, ref: str, *, folder_id: str | None = None, wait: bool = True) -> dict[str, Any]:
+        node = self._request("DELETE", f"/cellnode/v1/nodes/{ref}", params=_folder(folder_id))
+        deadline = time.monotonic() + 60
+        while wait and time.monotonic() < deadline:
+            try:
+                self.get_node(node["id"])
+            except APIError as exc:
+                if exc.status_code == 404:
+                    break
+                raise
+            time.sleep(0.1)
+        return node
+
+    def node_openapi(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        return self._request("GET", f"/cellnode/v1/nodes/{ref}/openapi.json", params=_folder(folder_id))
+
+    def execute(
+        self, node: str, input: dict[str, Any], *, folder_id: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Run a node (ID or name) with these input variables; the output variables."""
+        found = self.get_node(node, folder_id=folder_id)
+        body = {"folder_id": folder_id or found["folder_id"], "input": input}
+        response = self._request(
+            "POST", f"/datasphere/v1/nodes/{found['id']}:execute", json=body, timeout=timeout or found["timeout"] + 5
+        )
+        output: dict[str, Any] = response["output"]
+        return output
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            response = self._http.request(
+                method,
+                path,
+                json=json,
+                params=params,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{self.url} did not answer {method} {path} in time: {exc}.") from exc
+        except httpx.HTTPError as exc:
+            raise TransportError(
+                f"Cannot reach the cellnode server at {self.url}: {exc}. Is 'cellnode serve' running? "
+                "Set the address with --url or CELLNODE_URL."
+            ) from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        if response.is_success:
+            return body
+        raise APIError.from_status(response.status_code, body)
+
+
+def _folder(folder_id: str | None) -> dict[str, str] | None:
+    return {"folder_id": folder_id} if folder_id else None
+
+
+def _variables(variables: Variables) -> list[dict[str, str]]:
+    if isinstance(variables, dict):
+        return [{"name": name, "type": kind} for name, kind in variables.items()]
+    result = []
+    for item in variables:
+        if isinstance(item, dict):
+            result.append({"name": item["name"], "type": item["type"]})
+        else:
+            name, kind = item
+            result.append({"name": name, "type": kind})
+    return result

@@ -1,0 +1,79 @@
+"""Settings: one object, read from `CELLNODE_*` environment variables, with the CLI flags mirroring it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cellnode.exceptions import ConfigError
+
+DEFAULT_PORT = 8080
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/cellnode`, or `~/.local/share/cellnode`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cellnode"
+
+
+def default_profile_path() -> Path:
+    """Where `serve` leaves the URL and key file for the CLI on the same machine."""
+    explicit = os.environ.get("CELLNODE_PROFILE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cellnode" / "profile.json"
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is also `CELLNODE_<NAME>` in the environment and a `serve` flag."""
+
+    model_config = SettingsConfigDict(env_prefix="CELLNODE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on. Defaults to 127.0.0.1 (this machine only).")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="HTTP port. Defaults to 8080; 0 picks a free one.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Directory for the database, blobs, logs.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL. Defaults to SQLite in the data directory.")
+    backend: str = Field("local", description="Where instances run. Only 'local' (processes on this machine) now.")
+    capture_timeout: float = Field(600.0, gt=0, description="Seconds a checkpoint capture may run. Defaults to 600.")
+    instance_start_timeout: float = Field(120.0, gt=0, description="Seconds an instance may take to load.")
+    profile: Path | None = Field(None, description="Profile file written for the local CLI; 'none' to skip.")
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        return value
+
+    @property
+    def db_url(self) -> str:
+        """The database URL in force."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'cellnode.db'}"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """The 0600 file that holds the first admin API key."""
+        return self.data_dir / "admin.key"
+
+
+# Backends by name, resolved once when the server starts (uvicorn's `loops/auto.py` pattern).
+BACKENDS = {"local": "cellnode.backends.local:LocalBackend"}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with the non-None `overrides` (CLI flags) on top; ConfigError on a bad value."""
+    values = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{key} (CELLNODE_{key.upper()}) has value {error.get('input')!r}: {error['msg']}")
+        raise ConfigError("Invalid settings: " + "; ".join(problems) + ".") from exc

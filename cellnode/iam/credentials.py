@@ -1,0 +1,140 @@
+"""API keys and IAM tokens: minted here, stored only as sha256 hashes, checked through an in-memory cache."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from cellnode.exceptions import Unauthenticated
+from cellnode.store.db import Database
+from cellnode.store.models import ApiKey, IamToken, Principal
+
+API_KEY_PREFIX = "cnk_"
+IAM_TOKEN_PREFIX = "t1."
+TOKEN_LIFETIME = timedelta(hours=12)
+# A cached credential is looked up again after this long, so that a revocation made by another server reaches us.
+CACHE_SECONDS = 60.0
+NO_CREDENTIAL = (
+    "The request has no credential. Send 'Authorization: Bearer <IAM token>' or 'Authorization: Api-Key <key>'; "
+    "'cellnode iam create-token' prints a token."
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated principal behind a request."""
+
+    principal_id: str
+    kind: str  # "serviceAccount" or "user"
+    folder_id: str | None  # a service account's home folder
+    api_key_id: str | None
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(30)
+
+
+def new_iam_token() -> str:
+    return IAM_TOKEN_PREFIX + secrets.token_urlsafe(48)
+
+
+class Authenticator:
+    """Turns an Authorization header into a Caller; the hot path hits only the cache."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        # sha256 of the credential -> (caller, monotonic time until which the entry may be used)
+        self._cache: dict[str, tuple[Caller, float]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """The caller for a header value; Unauthenticated naming what is wrong, never which part matched."""
+        scheme, secret = _split(authorization)
+        key = digest(secret)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        return await asyncio.to_thread(self._lookup, scheme, secret, key)
+
+    def authenticate_sync(self, authorization: str | None) -> Caller:
+        scheme, secret = _split(authorization)
+        key = digest(secret)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        return self._lookup(scheme, secret, key)
+
+    def forget(self) -> None:
+        """Drop every cached credential (after a revocation)."""
+        self._cache.clear()
+
+    def _lookup(self, scheme: str, secret: str, key: str) -> Caller:
+        now = datetime.now(UTC)
+        with self._db.session() as session:
+            if scheme == "api-key":
+                api_key = session.scalar(select(ApiKey).where(ApiKey.secret_hash == key))
+                if api_key is None or not secrets.compare_digest(api_key.secret_hash, key):
+                    raise Unauthenticated("The API key is not valid. Check the key, or create a new one.")
+                if api_key.revoked_at is not None:
+                    raise Unauthenticated("The API key was revoked. Use another key.")
+                principal_id, api_key_id, valid_for = api_key.principal_id, api_key.id, CACHE_SECONDS
+            else:
+                token = session.scalar(select(IamToken).where(IamToken.token_hash == key))
+                if token is None or not secrets.compare_digest(token.token_hash, key):
+                    raise Unauthenticated("The IAM token is not valid. Create one with 'cellnode iam create-token'.")
+                if token.expires_at <= now:
+                    raise Unauthenticated(
+                        f"The IAM token expired at {token.expires_at.isoformat()}. "
+                        "Create a new one with 'cellnode iam create-token'."
+                    )
+                if token.api_key_id is not None:
+                    parent = session.get(ApiKey, token.api_key_id)
+                    if parent is None or parent.revoked_at is not None:
+                        raise Unauthenticated("The IAM token was revoked with the API key it was created from.")
+                principal_id, api_key_id = token.principal_id, token.api_key_id
+                valid_for = min(CACHE_SECONDS, (token.expires_at - now).total_seconds())
+            principal = session.get(Principal, principal_id)
+            assert principal is not None, "a credential always belongs to a principal (foreign key)"
+            caller = Caller(principal.id, principal.kind, principal.folder_id, api_key_id)
+        self._cache[key] = (caller, time.monotonic() + valid_for)
+        return caller
+
+
+def mint_iam_token(db: Database, caller: Caller) -> tuple[str, datetime]:
+    """A new 12-hour IAM token for the caller, tied to the API key the caller used."""
+    token = new_iam_token()
+    expires_at = datetime.now(UTC) + TOKEN_LIFETIME
+    with db.session() as session:
+        session.add(
+            IamToken(
+                principal_id=caller.principal_id,
+                api_key_id=caller.api_key_id,
+                token_hash=digest(token),
+                expires_at=expires_at,
+            )
+        )
+    return token, expires_at
+
+
+def _split(authorization: str | None) -> tuple[str, str]:
+    if not authorization or not authorization.strip():
+        raise Unauthenticated(NO_CREDENTIAL)
+    scheme, _, secret = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    secret = secret.strip()
+    if scheme not in ("bearer", "api-key"):
+        raise Unauthenticated(
+            f"The Authorization header must be 'Bearer <IAM token>' or 'Api-Key <key>'; got the scheme {scheme!r}."
+        )
+    if not secret or " " in secret:
+        raise Unauthenticated(f"The Authorization header has the scheme {scheme!r} but no single credential after it.")
+    return scheme, secret

@@ -1,0 +1,66 @@
+"""The routing table: what the execute path knows about each node, kept in memory and updated on change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cellnode.exceptions import NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from cellnode.router.instance import Instance
+
+
+@dataclass
+class NodeRoute:
+    """One node as the front routes to it. The supervisor replaces `instances`; the API never touches them."""
+
+    node_id: str
+    name: str
+    folder_id: str
+    acl: frozenset[str]
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    timeout: float
+    status: str = "CREATED"
+    status_message: str = ""
+    instances: list[Instance] = field(default_factory=list)
+
+    def choose(self) -> Instance:
+        """The live instance with the fewest outstanding requests; Unavailable when there is none."""
+        best: Instance | None = None
+        for instance in self.instances:
+            if instance.is_alive and (best is None or instance.outstanding < best.outstanding):
+                best = instance
+        if best is None:
+            detail = f": {self.status_message}" if self.status_message else ""
+            raise Unavailable(
+                f"Node {self.node_id!r} has no ready instance (status {self.status}{detail}). "
+                "Retry shortly, or see 'cellnode node get' for its status."
+            )
+        return best
+
+
+class RoutingTable:
+    """Node routes by ID. Replacing an entry is one dict assignment, atomic for the event loop."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, NodeRoute] = {}
+
+    def get(self, node_id: str) -> NodeRoute:
+        route = self._routes.get(node_id)
+        if route is None:
+            raise NotFound(f"Node {node_id!r} not found. 'cellnode node list' shows the nodes you can see.")
+        return route
+
+    def find(self, node_id: str) -> NodeRoute | None:
+        return self._routes.get(node_id)
+
+    def put(self, route: NodeRoute) -> None:
+        self._routes[route.node_id] = route
+
+    def remove(self, node_id: str) -> NodeRoute | None:
+        return self._routes.pop(node_id, None)
+
+    def routes(self) -> list[NodeRoute]:
+        return list(self._routes.values())

@@ -1,0 +1,107 @@
+"""The ASGI application of `cellnode serve`: management API, execute API, health, and the services behind them."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from cellnode._version import __version__
+from cellnode.api import checkpoints, errors, execute, folders, iam, nodes
+from cellnode.api.deps import Services
+from cellnode.backends.base import Backend
+from cellnode.checkpoint.blobs import BlobStore
+from cellnode.config import BACKENDS, Settings
+from cellnode.iam.bootstrap import bootstrap, write_private
+from cellnode.iam.credentials import Authenticator
+from cellnode.router.table import RoutingTable
+from cellnode.store.db import Database
+from cellnode.supervisor.supervisor import Supervisor
+
+logger = logging.getLogger("cellnode.server")
+
+
+def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> FastAPI:
+    """The application; the lifespan opens the store, runs migrations, bootstraps, and starts the supervisor."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = Database(settings.db_url)
+        db.migrate()
+        first = bootstrap(db, settings.admin_key_path)
+        if first.new_key is not None and announce is not None:
+            announce(
+                f"Created the default folder {first.folder_id} and an admin service account.\n"
+                f"Admin API key (shown once; also in {settings.admin_key_path}, mode 0600):\n  {first.new_key}"
+            )
+        blobs = BlobStore(settings.data_dir / "blobs")
+        table = RoutingTable()
+        supervisor = Supervisor(
+            db,
+            load_backend(settings.backend),
+            blobs,
+            table,
+            logs_dir=settings.data_dir / "logs",
+            start_timeout=settings.instance_start_timeout,
+        )
+        app.state.services = Services(
+            settings=settings,
+            db=db,
+            auth=Authenticator(db),
+            blobs=blobs,
+            table=table,
+            supervisor=supervisor,
+            default_folder_id=first.folder_id,
+        )
+        await supervisor.start()
+        try:
+            yield
+        finally:
+            logger.info("Stopping all instances.")
+            await supervisor.close()
+            db.close()
+
+    app = FastAPI(
+        title="cellnode",
+        version=__version__,
+        description="Management and execute API of a cellnode server.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_route("/health", health, methods=["GET"], include_in_schema=False)
+    app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
+    app.add_route("/", execute.execute_by_header, methods=["POST"])
+    for module in (folders, iam, checkpoints, nodes):
+        app.include_router(module.router)
+    return app
+
+
+async def health(request: Request) -> JSONResponse:
+    """Liveness of the server itself; needs no credential."""
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+def load_backend(name: str) -> Backend:
+    """The backend named in the settings, imported from `BACKENDS`."""
+    module_name, _, attribute = BACKENDS[name].partition(":")
+    backend_class: Any = getattr(importlib.import_module(module_name), attribute)
+    backend: Backend = backend_class()
+    return backend
+
+
+def write_profile(settings: Settings, url: str) -> None:
+    """Leave the URL and key file for the CLI on this machine, so that it needs no flags."""
+    from cellnode.config import default_profile_path
+
+    path = settings.profile or default_profile_path()
+    if str(path).lower() == "none":
+        return
+    write_private(path, json.dumps({"url": url, "key_file": str(settings.admin_key_path)}, indent=2) + "\n")

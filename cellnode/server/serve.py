@@ -1,0 +1,50 @@
+"""`cellnode serve`: one process with the HTTP front and the supervisor; a clean stop on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from cellnode._version import __version__
+from cellnode.config import Settings
+from cellnode.server.app import build_app, write_profile
+
+
+def _announce(message: str) -> None:
+    print(message, flush=True)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket first, so that the URL (and a port picked with 0) is known before start-up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> None:
+    """Run the server until SIGTERM or SIGINT; stop every instance on the way out."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{port}"
+    app = build_app(settings, announce=_announce)
+    write_profile(settings, url)
+    print(f"cellnode {__version__} serving {url} (data in {settings.data_dir})", flush=True)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=None,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)

@@ -1,0 +1,148 @@
+"""The tables: desired state written by the API, observed state written by the supervisor."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+ID_LENGTH = 20
+
+
+def new_id() -> str:
+    """A resource ID: 20 lowercase letters and digits, as the reference platform's IDs."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Folder(Base):
+    __tablename__ = "folders"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Principal(Base):
+    """A user or a service account; a service account lives in a folder."""
+
+    __tablename__ = "principals"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))  # "serviceAccount" or "user"
+    name: Mapped[str] = mapped_column(String(63))
+    folder_id: Mapped[str | None] = mapped_column(ForeignKey("folders.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AccessBinding(Base):
+    __tablename__ = "access_bindings"
+    __table_args__ = (UniqueConstraint("folder_id", "role", "principal_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"))
+    role: Mapped[str] = mapped_column(String(32))
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+
+
+class ApiKey(Base):
+    """A long-lived credential; only the sha256 of the secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class IamToken(Base):
+    """A 12-hour credential minted from an API key; only the sha256 is kept."""
+
+    __tablename__ = "iam_tokens"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
+class Checkpoint(Base):
+    """A saved interpreter state: per-variable blobs, the cell to deploy, the environment it ran in."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("folder_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(63))  # set when pinned
+    notebook_name: Mapped[str] = mapped_column(String(255))
+    cell: Mapped[int] = mapped_column(Integer)
+    cell_source: Mapped[str] = mapped_column(Text)
+    variables: Mapped[list[Any]]  # [{"name", "type", "size", "sha256"}]
+    imports: Mapped[dict[str, Any]]  # {"np": "numpy"}
+    unserializable: Mapped[list[Any]]  # [{"name", "type", "reason"}]
+    python_version: Mapped[str] = mapped_column(String(32))
+    packages: Mapped[list[Any]]
+    stdout: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pinned_at: Mapped[datetime | None]
+
+
+class Node(Base):
+    """A deployed service. Desired state from the API; `status` and `status_message` from the supervisor."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (UniqueConstraint("folder_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="")
+    type: Mapped[str] = mapped_column(String(16), default="cell")
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    inputs: Mapped[list[Any]]  # [{"name", "type"}], in declaration order
+    outputs: Mapped[list[Any]]
+    acl: Mapped[list[Any]]  # folder IDs allowed to call the node
+    timeout: Mapped[float] = mapped_column(Float)
+    cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
+    uses_ipython: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16), default="CREATED")
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

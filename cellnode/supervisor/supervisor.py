@@ -1,0 +1,281 @@
+"""The supervisor: reconciles the nodes in the store with running instances, and is the only writer of statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
+from cellnode.checkpoint.blobs import BlobStore
+from cellnode.exceptions import Unavailable
+from cellnode.router.instance import Instance
+from cellnode.router.table import NodeRoute, RoutingTable
+from cellnode.store.db import Database
+from cellnode.store.models import Checkpoint, Node, new_id
+
+logger = logging.getLogger("cellnode.supervisor")
+
+RECONCILE_INTERVAL = 2.0
+# Exit codes of `python -m cellnode.runtime` that no restart can fix (a corrupt or unloadable checkpoint).
+PERMANENT_EXIT_CODES = {2, 3, 4}
+CRASH_WINDOW = 60.0
+MAX_CRASHES = 3
+
+
+@dataclass
+class _Running:
+    handle: InstanceHandle
+    instance: Instance
+    watcher: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _NodeState:
+    running: _Running | None = None
+    starting: bool = False
+    failed: bool = False
+    crashes: list[float] = field(default_factory=list)
+    not_before: float = 0.0
+
+
+class Supervisor:
+    """Starts an instance for every node, replaces crashed ones with backoff, stops those of deleted nodes."""
+
+    def __init__(
+        self,
+        db: Database,
+        backend: Backend,
+        blobs: BlobStore,
+        table: RoutingTable,
+        *,
+        logs_dir: Path,
+        start_timeout: float,
+    ) -> None:
+        self._db = db
+        self._backend = backend
+        self._blobs = blobs
+        self._table = table
+        self._logs_dir = logs_dir
+        self._start_timeout = start_timeout
+        self._nodes: dict[str, _NodeState] = {}
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Load the routing table from the store and start reconciling in the background."""
+        self._loop = asyncio.get_running_loop()
+        await self.reconcile()
+        self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
+
+    def notify(self) -> None:
+        """Wake the supervisor after a change to desired state; safe from any thread."""
+        if self._loop is not None and not self._closing:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def close(self) -> None:
+        """Stop reconciling and stop every instance."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._stop(node_id) for node_id in list(self._nodes)), return_exceptions=True)
+        await self._backend.close()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RECONCILE_INTERVAL)
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except Exception:  # pragma: no cover - a bug; keep supervising the rest
+                logger.exception("Reconcile failed; retrying in %.0f s.", RECONCILE_INTERVAL)
+
+    async def reconcile(self) -> None:
+        """One pass: bring routes and instances in line with the store."""
+        nodes = await asyncio.to_thread(self._load_nodes)
+        wanted = {node.id for node in nodes if node.status != "DELETING"}
+        for node in nodes:
+            if node.status == "DELETING":
+                await self._delete(node.id)
+                continue
+            self._put_route(node)
+            state = self._nodes.setdefault(node.id, _NodeState())
+            if (
+                state.running is None
+                and not state.starting
+                and not state.failed
+                and time.monotonic() >= state.not_before
+            ):
+                state.starting = True
+                self._spawn(self._start(node), f"start-{node.id}")
+        for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
+            await self._stop(node_id)
+            self._table.remove(node_id)
+
+    def _load_nodes(self) -> list[Node]:
+        with self._db.session() as session:
+            return list(session.scalars(select(Node)))
+
+    def _put_route(self, node: Node) -> None:
+        current = self._table.find(node.id)
+        route = NodeRoute(
+            node_id=node.id,
+            name=node.name,
+            folder_id=node.folder_id,
+            acl=frozenset(node.acl),
+            inputs={v["name"]: v["type"] for v in node.inputs},
+            outputs={v["name"]: v["type"] for v in node.outputs},
+            timeout=node.timeout,
+            status=current.status if current else node.status,
+            status_message=current.status_message if current else node.status_message,
+            instances=current.instances if current else [],
+        )
+        self._table.put(route)
+
+    async def _start(self, node: Node) -> None:
+        state = self._nodes[node.id]
+        handle: InstanceHandle | None = None
+        try:
+            spec = await asyncio.to_thread(self._instance_spec, node)
+            handle = await self._backend.start(spec)
+            instance = Instance(handle, timeout=node.timeout)
+            try:
+                await handle.wait_ready(self._start_timeout)
+                await instance.connect()
+            except BaseException:
+                instance.close()
+                await handle.stop()
+                raise
+        except (InstanceFailed, Unavailable) as exc:
+            code = handle.returncode if handle is not None else None
+            await self._crashed(node.id, str(exc), permanent=code in PERMANENT_EXIT_CODES)
+            return
+        except Exception as exc:
+            logger.exception("Node %s: the instance could not be started.", node.id)
+            await self._crashed(node.id, f"The instance could not be started: {exc}", permanent=True)
+            return
+        finally:
+            state.starting = False
+        if self._closing or node.id not in self._nodes:
+            instance.close()
+            await handle.stop()
+            return
+        running = _Running(handle, instance)
+        running.watcher = self._spawn(self._watch(node.id, running), f"watch-{node.id}")
+        state.running = running
+        route = self._table.find(node.id)
+        if route is not None:
+            route.instances = [instance]
+        logger.info("Node %s: instance %s ready (pid %s).", node.id, handle.instance_id, handle.pid)
+        await self._set_status(node.id, "HEALTHY", "")
+
+    def _instance_spec(self, node: Node) -> InstanceSpec:
+        with self._db.session() as session:
+            checkpoint = session.get(Checkpoint, node.checkpoint_id)
+            if checkpoint is None:
+                raise InstanceFailed(f"Checkpoint {node.checkpoint_id!r} of the node no longer exists.")
+            variables = [
+                {"name": v["name"], "path": str(self._blobs.path(v["sha256"])), "sha256": v["sha256"]}
+                for v in checkpoint.variables
+            ]
+            imports = dict(checkpoint.imports)
+        instance_id = new_id()
+        launch = {
+            "node_id": node.id,
+            "instance_id": instance_id,
+            "cell": {"source": node.cell_code, "uses_ipython": node.uses_ipython},
+            "inputs": {v["name"]: v["type"] for v in node.inputs},
+            "outputs": {v["name"]: v["type"] for v in node.outputs},
+            "variables": variables,
+            "imports": imports,
+        }
+        return InstanceSpec(
+            node_id=node.id, instance_id=instance_id, launch=launch, log_path=self._logs_dir / f"{node.id}.log"
+        )
+
+    async def _watch(self, node_id: str, running: _Running) -> None:
+        code = await running.handle.wait()
+        state = self._nodes.get(node_id)
+        if self._closing or state is None or state.running is not running:
+            return
+        state.running = None
+        route = self._table.find(node_id)
+        if route is not None:
+            route.instances = [i for i in route.instances if i is not running.instance]
+        running.instance.close()
+        reason = f"Instance {running.handle.instance_id} exited with code {code}"
+        last = running.handle.last_log_line()
+        await self._crashed(node_id, f"{reason}: {last}" if last else reason, permanent=False)
+
+    async def _crashed(self, node_id: str, reason: str, *, permanent: bool) -> None:
+        state = self._nodes.get(node_id)
+        if state is None or self._closing:
+            return
+        now = time.monotonic()
+        state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW] + [now]
+        if permanent or len(state.crashes) >= MAX_CRASHES:
+            state.failed = True
+            logger.error("Node %s failed: %s", node_id, reason)
+            await self._set_status(node_id, "FAILED", reason)
+            return
+        state.not_before = now + 2 ** (len(state.crashes) - 1) * 0.5
+        logger.warning("Node %s: %s; restarting.", node_id, reason)
+        await self._set_status(node_id, "UNHEALTHY", reason)
+        self.notify()
+
+    async def _set_status(self, node_id: str, status: str, message: str) -> None:
+        route = self._table.find(node_id)
+        if route is not None:
+            route.status, route.status_message = status, message
+
+        def write() -> None:
+            with self._db.session() as session:
+                node = session.get(Node, node_id)
+                if node is not None and node.status != "DELETING":
+                    node.status, node.status_message = status, message
+
+        await asyncio.to_thread(write)
+
+    async def _stop(self, node_id: str) -> None:
+        state = self._nodes.pop(node_id, None)
+        if state is None or state.running is None:
+            return
+        running = state.running
+        if running.watcher is not None:
+            running.watcher.cancel()
+        running.instance.close()
+        await running.handle.stop()
+
+    async def _delete(self, node_id: str) -> None:
+        self._table.remove(node_id)
+        await self._stop(node_id)
+
+        def drop() -> None:
+            with self._db.session() as session:
+                node = session.get(Node, node_id)
+                if node is not None:
+                    session.delete(node)
+
+        await asyncio.to_thread(drop)
+        logger.info("Node %s deleted.", node_id)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -1,0 +1,93 @@
+"""A real `cellnode serve` process on a loopback port, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from cellnode.client import Client
+
+URL_LINE = re.compile(r"serving (http://\S+)")
+
+
+class ServerProcess:
+    """`cellnode serve --port 0` in a subprocess; `start()` returns once /health answers."""
+
+    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CELLNODE_")}
+        self.env = {**clean, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.output: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.output = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cellnode", "serve", "--port", "0", "--data-dir", str(self.data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("cellnode serve exited:\n" + "".join(self.output))
+            match = next((URL_LINE.search(line) for line in self.output if URL_LINE.search(line)), None)
+            if match:
+                self.url = match.group(1)
+                try:
+                    if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError("cellnode serve did not come up:\n" + "".join(self.output))
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.output.append(line)
+
+    @property
+    def key(self) -> str:
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    def client(self) -> Client:
+        return Client(self.url, self.key)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def notebook(tmp: Path, *cells: str, name: str = "nb.ipynb") -> Path:
+    """Write a notebook with these code cells."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    path = tmp / name
+    nbformat.write(nb, path)
+    return path
