@@ -68,7 +68,9 @@ def to_json(value: Any, path: str) -> Any:
         return value
     if type(value) is float:
         if not math.isfinite(value):
-            raise VariableTypeError(f"{path} is {value!r}, which JSON cannot represent; replace it with None or a number.")
+            raise VariableTypeError(
+                f"{path} is {value!r}, which JSON cannot represent; replace it with None or a number."
+            )
         return value
     if isinstance(value, dict):
         converted = {}
@@ -77,7 +79,9 @@ def to_json(value: Any, path: str) -> Any:
                 if type(key) in (int, bool) or isinstance(key, float):
                     key = str(key)
                 else:
-                    raise VariableTypeError(f"{path} has a key of type {type_name(key)} ({key!r}); JSON keys are strings.")
+                    raise VariableTypeError(
+                        f"{path} has a key of type {type_name(key)} ({key!r}); JSON keys are strings."
+                    )
             converted[key] = to_json(item, f"{path}[{key!r}]")
         return converted
     if isinstance(value, (list, tuple)):

@@ -1,0 +1,117 @@
+"""The backend seam: start, observe and stop the instances of a node.
+
+A backend turns an `InstanceSpec` into a running instance and hands back an `InstanceHandle`, through which the
+supervisor waits for it to be ready, watches it end and stops it, and the front interrupts a cell that ran past its
+timeout. The front talks to the instance itself over the Unix socket at `handle.address`
+(see `cellnode.runtime.protocol`).
+
+    backend = LocalBackend()
+    handle = await backend.start(InstanceSpec("n1", "i1", launch, log_path=Path("logs/n1.log")))
+    await handle.wait_ready(timeout=60.0)
+    ...
+    await backend.close()
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from cellnode.exceptions import CellnodeError
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What a backend needs to start one instance.
+
+    `launch` is the launch spec of `cellnode.runtime` without `"socket"`, which the backend fills in. `env` is added
+    to the minimal environment the instance gets (secrets, for example); the server's own environment is not passed.
+    """
+
+    node_id: str
+    instance_id: str
+    launch: dict[str, Any]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class InstanceFailed(CellnodeError):
+    """An instance could not start; the message gives its exit code and the last line it logged."""
+
+
+class InstanceHandle(ABC):
+    """A running (or ended) instance, as its backend sees it."""
+
+    def __init__(self, *, instance_id: str, node_id: str, address: str) -> None:
+        self.instance_id = instance_id
+        self.node_id = node_id
+        self.address = address
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """The process id, where the instance is a process this machine can see."""
+        raise NotImplementedError("The 'pid' property must be implemented.")
+
+    @property
+    @abstractmethod
+    def returncode(self) -> int | None:
+        """The exit code once the instance has ended (negative: killed by that signal); None while it runs."""
+        raise NotImplementedError("The 'returncode' property must be implemented.")
+
+    @abstractmethod
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once the instance answers PING; InstanceFailed if it exits first or does not answer in time."""
+        raise NotImplementedError("The 'wait_ready' method must be implemented.")
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait for the instance to end; its exit code."""
+        raise NotImplementedError("The 'wait' method must be implemented.")
+
+    @abstractmethod
+    def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT); an idle instance ignores it."""
+        raise NotImplementedError("The 'interrupt' method must be implemented.")
+
+    @abstractmethod
+    async def stop(self, grace: float = 5.0) -> None:
+        """Ask the instance to finish its request and exit (SIGTERM); kill it after `grace` seconds."""
+        raise NotImplementedError("The 'stop' method must be implemented.")
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End the instance at once (SIGKILL)."""
+        raise NotImplementedError("The 'kill' method must be implemented.")
+
+    @abstractmethod
+    def last_log_line(self) -> str:
+        """The last non-empty line the instance wrote to its log, or an empty string."""
+        raise NotImplementedError("The 'last_log_line' method must be implemented.")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.instance_id!r} of node {self.node_id!r} pid={self.pid}>"
+
+
+class Backend(ABC):
+    """Starts instances; `close()` stops every instance it started."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def start(self, spec: InstanceSpec) -> InstanceHandle:
+        """Start an instance and return its handle at once; wait for it with `handle.wait_ready()`."""
+        raise NotImplementedError("The 'start' method must be implemented.")
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop every instance this backend started and release what it holds."""
+        raise NotImplementedError("The 'close' method must be implemented.")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,190 @@
+"""The serving loop of an instance: `python -u -m cellnode.runtime SPEC_PATH`.
+
+Standard library and cloudpickle only: this module runs inside instances.
+
+The instance loads its checkpoint, then binds its Unix socket, so a successful connect means it is ready. One
+thread serves every connection through a selector, one frame at a time: the front keeps one persistent connection
+and a health check may open another. Signals: SIGINT interrupts a running cell (and is ignored between requests);
+SIGTERM lets the current request finish, then closes the socket, removes its file and exits 0. An instance whose
+parent process dies (the server was killed) exits the same way, so that no instance outlives its server.
+
+Exit codes: 0 after SIGTERM, 2 for a bad spec or socket, 3 for a corrupt blob, 4 when the checkpoint cannot be
+loaded (a missing module, a cell that does not compile); the reason is the last line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import types
+from typing import Any
+
+from cellnode.runtime.executor import Executor, encode_message
+from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
+from cellnode.runtime.protocol import EXECUTE, FAILURE, PING, PONG, recv_frame, send_frame
+
+USAGE = "Usage: python -m cellnode.runtime SPEC_PATH (the launch spec JSON written by the backend)."
+# sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+FRAME_TIMEOUT = 60.0
+# How often an idle instance checks that the process that started it is still there.
+PARENT_CHECK_INTERVAL = 1.0
+
+_LISTENER = "listener"
+_WAKEUP = "wakeup"
+
+
+class InstanceServer:
+    """Serves EXECUTE and PING frames on a Unix socket until SIGTERM."""
+
+    def __init__(self, socket_path: str, executor: Executor) -> None:
+        self.socket_path = socket_path
+        self.executor = executor
+        self.should_exit = False
+        self.parent_pid = os.getppid()
+
+    def handle_sigterm(self, signum: int, frame: types.FrameType | None) -> None:
+        """Ask the loop to stop after the frame it is handling; the wakeup fd breaks a blocked select."""
+        self.should_exit = True
+
+    def serve(self) -> int:
+        """Bind the socket and serve until SIGTERM; the process exit code."""
+        listener = _bind(self.socket_path)
+        wakeup_r, wakeup_w = socket.socketpair()
+        wakeup_r.setblocking(False)
+        wakeup_w.setblocking(False)
+        selector = selectors.DefaultSelector()
+        try:
+            signal.signal(signal.SIGINT, self.executor.handle_sigint)
+            signal.signal(signal.SIGTERM, self.handle_sigterm)
+            signal.set_wakeup_fd(wakeup_w.fileno(), warn_on_full_buffer=False)
+            selector.register(listener, selectors.EVENT_READ, _LISTENER)
+            selector.register(wakeup_r, selectors.EVENT_READ, _WAKEUP)
+            while not self.should_exit:
+                events = selector.select(PARENT_CHECK_INTERVAL)
+                if not events and os.getppid() != self.parent_pid:
+                    # Reparented while idle: the server died without stopping us (we run in a session of our own).
+                    print(
+                        f"The process that started this instance ({self.parent_pid}) is gone; exiting.", file=sys.stderr
+                    )
+                    break
+                for key, _ in events:
+                    if key.data is _LISTENER:
+                        self._accept(listener, selector)
+                    elif key.data is _WAKEUP:
+                        _drain(wakeup_r)
+                    else:
+                        self._handle(key.fileobj, selector)  # type: ignore[arg-type]
+                    if self.should_exit:
+                        break
+        finally:
+            signal.set_wakeup_fd(-1)
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            selector.close()
+            wakeup_w.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        return 0
+
+    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        # Frames are read whole once they start: a peer stalling mid-frame must not hold the instance forever.
+        conn.settimeout(FRAME_TIMEOUT)
+        selector.register(conn, selectors.EVENT_READ, conn)
+
+    def _handle(self, conn: socket.socket, selector: selectors.BaseSelector) -> None:
+        try:
+            frame = recv_frame(conn)
+            if frame is not None:
+                kind, payload = frame
+                if kind == EXECUTE:
+                    answer = self.executor.execute(payload)
+                elif kind == PING:
+                    answer = (PONG, b"")
+                else:
+                    message = f"Unknown frame kind {kind!r}; this instance understands EXECUTE and PING."
+                    answer = (FAILURE, encode_message(message))
+                send_frame(conn, *answer)
+                return
+        except OSError:  # ProtocolError included: a peer that breaks a frame loses its connection.
+            pass
+        selector.unregister(conn)
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    """Run one instance from the launch spec at `argv[0]`; the process exit code."""
+    if len(argv) != 1:
+        print(USAGE, file=sys.stderr)
+        return EXIT_BAD_SPEC
+    started = time.monotonic()
+    try:
+        spec = _read_spec(argv[0])
+        ns, code = load(spec)
+    except LoadError as exc:
+        print(exc.message, file=sys.stderr)
+        return exc.exit_code
+    executor = Executor(ns, code, spec.get("outputs", {}))
+    count = len(spec.get("variables", []))
+    print(
+        f"Instance {spec.get('instance_id')!r} of node {spec.get('node_id')!r} loaded {count} "
+        f"variable{'' if count == 1 else 's'} in {time.monotonic() - started:.2f} s; serving on {spec['socket']}.",
+        file=sys.stderr,
+    )
+    try:
+        return InstanceServer(spec["socket"], executor).serve()
+    except LoadError as exc:
+        print(exc.message, file=sys.stderr)
+        return exc.exit_code
+
+
+def _read_spec(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            spec = json.load(file)
+    except (OSError, ValueError) as exc:
+        message = f"The launch spec {path!r} cannot be read: {exc}. Start the instance through a backend."
+        raise LoadError(message, EXIT_BAD_SPEC) from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("socket"), str):
+        raise LoadError(f"The launch spec {path!r} has no 'socket' path; the backend must write one.", EXIT_BAD_SPEC)
+    return spec
+
+
+def _bind(path: str) -> socket.socket:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise LoadError(
+            f"Socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime directory.",
+            EXIT_BAD_SPEC,
+        )
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        listener.close()
+        raise LoadError(f"Cannot bind socket {path!r}: {exc.strerror}. Remove the stale file.", EXIT_BAD_SPEC) from exc
+    finally:
+        os.umask(previous)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    listener.setblocking(False)
+    return listener
+
+
+def _drain(wakeup: socket.socket) -> None:
+    try:
+        while wakeup.recv(512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
