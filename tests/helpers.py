@@ -71,11 +71,15 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         if self._reader is not None:
             self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return code
 
     def log(self) -> str:

@@ -129,6 +129,13 @@ def check_variables(body: NodeCreate, checkpoint: Checkpoint) -> tuple[str, bool
                 "or remove it from --output."
             )
     if analysis.is_complete:
+        for name in inputs:
+            if name in analysis.assigns and name not in analysis.reads:
+                raise InvalidArgument(
+                    f"{where.capitalize()} assigns input variable {name!r} before reading it, so a request's value "
+                    f"would never be used. Remove the assignment from the cell (declare inputs in an earlier cell), "
+                    "or drop the input."
+                )
         known = set(inputs) | {v["name"] for v in checkpoint.variables} | set(checkpoint.imports)
         unserializable = {u["name"]: u for u in checkpoint.unserializable}
         for name in sorted(analysis.reads - known):

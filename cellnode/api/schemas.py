@@ -5,12 +5,13 @@ from __future__ import annotations
 import keyword
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from cellnode.runtime.variables import TYPES
 
 NAME_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-VariableType = Literal["int", "float", "str", "bool", "list", "dict", "any"]
 
 
 def _resource_name(value: str) -> str:
@@ -90,7 +91,15 @@ class PinRequest(BaseModel):
 
 class VariableDecl(BaseModel):
     name: Identifier
-    type: VariableType
+    type: str = Field(description="One of int, float, str, bool, list, dict, any.")
+
+    @model_validator(mode="after")
+    def _known_type(self) -> VariableDecl:
+        if self.type not in TYPES:
+            raise ValueError(
+                f"variable {self.name!r} has type {self.type!r}; use one of {', '.join(TYPES)} (any = any JSON value)"
+            )
+        return self
 
 
 class NodeCreate(BaseModel):

@@ -52,7 +52,9 @@ def serve(
         str | None, typer.Option(envvar="CELLNODE_HOST", help="Address to listen on. Default: 127.0.0.1.")
     ] = None,
     port: Annotated[
-        int | None, typer.Option(envvar="CELLNODE_PORT", help="HTTP port. Default: 8080; 0 picks a free one.")
+        # A string here: Settings checks it, with a message that names the flag, the variable and the value.
+        str | None,
+        typer.Option(envvar="CELLNODE_PORT", help="HTTP port. Default: 8080; 0 picks a free one."),
     ] = None,
     data_dir: Annotated[
         Path | None,

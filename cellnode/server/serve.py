@@ -45,6 +45,10 @@ def serve(settings: Settings) -> None:
         h11_max_incomplete_event_size=None,
     )
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    try:
+        # After a clean shutdown uvicorn raises the signal it caught again, so that the exit status tells it.
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        sys.exit(130)
     if not server.started:
         sys.exit(3)

@@ -15,6 +15,16 @@ from tests.helpers import ServerProcess, notebook
 
 pytestmark = pytest.mark.slow
 
+# The body of the documented curl call, byte for byte but for the folder ID.
+REFERENCE_BODY = """{
+           "folder_id": "<folder ID>",
+           "input": {
+             "input_data": {
+               "left_bound": 1,
+               "right_bound": 10
+             }
+           }
+         }"""
 INPUT = {"input_data": {"left_bound": 1, "right_bound": 10}}
 
 
@@ -36,7 +46,9 @@ def status(response: httpx.Response, code: int, grpc_code: int, *fragments: str)
 
 
 def still_serves(http: httpx.Client, node: dict[str, Any]) -> None:
-    response = http.post(f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": node["folder_id"], **{"input": INPUT}})
+    response = http.post(
+        f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": node["folder_id"], **{"input": INPUT}}
+    )
     assert response.status_code == 200, response.text
     assert 1 <= response.json()["output"]["output_data"]["generated_value"] <= 10
 
@@ -47,10 +59,7 @@ def test_reference_curl_call(http: httpx.Client, randomizer: dict[str, Any]) -> 
     for _ in range(40):
         response = http.post(
             f"/datasphere/v1/nodes/{randomizer['id']}:execute",
-            content=(
-                '{"folder_id": "%s", "input": {"input_data": {"left_bound": 1, "right_bound": 10}}}'
-                % randomizer["folder_id"]
-            ),
+            content=REFERENCE_BODY.replace("<folder ID>", randomizer["folder_id"]),
             headers={"Content-Type": "application/json"},
         )
         assert response.status_code == 200, response.text
@@ -150,7 +159,9 @@ def test_folder_not_in_acl(http: httpx.Client, randomizer: dict[str, Any]) -> No
     url = f"/datasphere/v1/nodes/{randomizer['id']}:execute"
     status(http.post(url, json={"folder_id": "bbbbbbbbbbbbbbbbbbbb", "input": INPUT}), 403, 7, "'bbbbbbbbbbbbbbbbbbbb'")
     status(http.post(url, json={"input": INPUT}), 400, 3, "names no folder")
-    response = http.post("/", headers={"x-node-id": randomizer["id"], "x-folder-id": "cccccccccccccccccccc"}, json=INPUT)
+    response = http.post(
+        "/", headers={"x-node-id": randomizer["id"], "x-folder-id": "cccccccccccccccccccc"}, json=INPUT
+    )
     status(response, 403, 7, "not in the ACL")
     still_serves(http, randomizer)
 
@@ -217,9 +228,7 @@ def test_timeout(http: httpx.Client, tricky: dict[str, Any]) -> None:
     assert call(http, tricky, "ok").json() == {"output": {"result": 1}}
 
 
-def test_no_ready_instance(
-    http: httpx.Client, client: Client, server: ServerProcess, tmp_path: Path
-) -> None:
+def test_no_ready_instance(http: httpx.Client, client: Client, server: ServerProcess, tmp_path: Path) -> None:
     """A node whose checkpoint blob is corrupt FAILS with the reason; calling it gives 503, and nothing else breaks."""
     path = notebook(tmp_path, f"payload = 'unique-{tmp_path.name}'", "answer = payload.upper()")
     checkpoint = client.create_checkpoint(path, name="corrupt-checkpoint")

@@ -1,0 +1,96 @@
+"""`cellnode serve` as a process: first start, the key file and profile, restart, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cellnode.client import Client
+from tests.helpers import ServerProcess, notebook
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def instance_pids(server: ServerProcess) -> set[int]:
+    """The `python -m cellnode.runtime` children of the server process."""
+    assert server.proc is not None
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"cellnode.runtime" in cmdline and parent == server.proc.pid:
+                pids.add(int(proc.name))
+    return pids
+
+
+def test_first_start_restart_and_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    profile = tmp_path / "profile.json"
+    server = ServerProcess(tmp_path / "data", env={"CELLNODE_PROFILE": str(profile)}).start()
+    request.addfinalizer(lambda: server.stop(signal.SIGKILL))
+    key_file = tmp_path / "data" / "admin.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert server.key in server.log(), "the first start prints the key once"
+    saved = json.loads(profile.read_text())
+    assert saved == {"url": server.url, "key_file": str(key_file)}
+
+    monkeypatch.setenv("CELLNODE_PROFILE", str(profile))
+    with Client() as api:  # no URL or token: both come from the profile
+        folders = api.list_folders()
+        assert [f["name"] for f in folders] == ["default"]
+        path = notebook(tmp_path, "n = 2", "m = n * 10")
+        api.create_checkpoint(path, name="keep")
+        api.create_node("keep-node", checkpoint="keep", inputs={"n": "int"}, outputs={"m": "int"})
+        assert api.execute("keep-node", {"n": 4}) == {"m": 40}
+    before = instance_pids(server)
+    assert len(before) == 1
+    assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in before), "SIGTERM stops every instance"
+
+    server.start()
+    assert server.key not in server.log(), "later starts do not print the key"
+    with server.client() as api:
+        api.wait_node("keep-node", timeout=60)
+        assert api.execute("keep-node", {"n": 5}) == {"m": 50}
+        assert [f["id"] for f in api.list_folders()] == [f["id"] for f in folders]
+    assert server.stop(signal.SIGINT) == 130
+    assert "Traceback" not in server.log()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url + "/health", timeout=1)
+
+
+def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cellnode", "serve", "--data-dir", str(tmp_path)],
+        env={**os.environ, "CELLNODE_PORT": "eighty"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "CELLNODE_PORT" in result.stderr and "eighty" in result.stderr
