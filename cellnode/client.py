@@ -20,7 +20,7 @@ import httpx
 
 from cellnode.config import DEFAULT_PORT, default_profile_path
 from cellnode.exceptions import APIError, ConfigError, InternalError, TransportError
-from cellnode.iam.credentials import API_KEY_PREFIX
+from cellnode.iam.formats import authorization
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 Variables = dict[str, str] | list[tuple[str, str]] | list[dict[str, str]]
@@ -44,11 +44,6 @@ def resolve_connection(url: str | None = None, token: str | None = None) -> tupl
                     "Fix or delete it, or pass --url and --token."
                 ) from exc
     return (url or DEFAULT_URL).rstrip("/"), token
-
-
-def authorization(token: str) -> str:
-    """The Authorization header for an API key (`Api-Key`) or an IAM token (`Bearer`)."""
-    return f"Api-Key {token}" if token.startswith(API_KEY_PREFIX) else f"Bearer {token}"
 
 
 class Client:
@@ -211,7 +206,7 @@ class Client:
         json: Any = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> dict[str, Any]:
         try:
             response = self._http.request(
                 method,
@@ -232,6 +227,10 @@ class Client:
         except ValueError:
             body = response.text
         if response.is_success:
+            if not isinstance(body, dict):
+                raise InternalError(
+                    f"{method} {path} answered {response.status_code} with a body that is not an object."
+                )
             return body
         raise APIError.from_status(response.status_code, body)
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 from sqlalchemy import func, select
@@ -197,7 +198,8 @@ def _collect_blobs(session: Session, svc: Services, shas: set[str]) -> None:
     """Delete the blobs among `shas` that no remaining checkpoint uses."""
     if not shas:
         return
-    in_use = {v["sha256"] for variables in session.scalars(select(Checkpoint.variables)) for v in variables}
+    rows: list[list[Any]] = list(session.scalars(select(Checkpoint.variables)))
+    in_use = {v["sha256"] for variables in rows for v in variables}
     for sha in shas - in_use:
         svc.blobs.delete(sha)
 

@@ -56,7 +56,7 @@ def node_openapi(node: Node) -> dict[str, Any]:
             "description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
         }
-    security = [{"bearer": []}, {"apiKey": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": f"Node {node.name}", "version": __version__, "description": node.description},

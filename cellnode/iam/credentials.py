@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from cellnode.exceptions import Unauthenticated
+from cellnode.iam.formats import API_KEY_PREFIX, IAM_TOKEN_PREFIX
 from cellnode.store.db import Database
 from cellnode.store.models import ApiKey, IamToken, Principal
 
-API_KEY_PREFIX = "cnk_"
-IAM_TOKEN_PREFIX = "t1."
 TOKEN_LIFETIME = timedelta(hours=12)
 # A cached credential is looked up again after this long, so that a revocation made by another server reaches us.
 CACHE_SECONDS = 60.0
@@ -86,7 +85,8 @@ class Authenticator:
                     raise Unauthenticated("The API key is not valid. Check the key, or create a new one.")
                 if api_key.revoked_at is not None:
                     raise Unauthenticated("The API key was revoked. Use another key.")
-                principal_id, api_key_id, valid_for = api_key.principal_id, api_key.id, CACHE_SECONDS
+                principal_id, valid_for = api_key.principal_id, CACHE_SECONDS
+                api_key_id: str | None = api_key.id
             else:
                 token = session.scalar(select(IamToken).where(IamToken.token_hash == key))
                 if token is None or not secrets.compare_digest(token.token_hash, key):
