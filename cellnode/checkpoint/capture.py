@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from traitlets.config import Config
 
 from cellnode.checkpoint.notebook import code_cells
 from cellnode.exceptions import CellFailedError, CellnodeError, DeadlineExceeded, InternalError, InvalidArgument
@@ -197,8 +200,14 @@ async def _run_cells(
     )
     cells = [_NBFORMAT_V4.new_code_cell(source) for source in [*sources, snapshot]]
     nb = _NBFORMAT_V4.new_notebook(cells=cells)
+    # IPC sockets in a private directory rather than TCP ports: nothing else on the machine can reach the kernel.
+    ipc_dir = tempfile.mkdtemp(prefix="cn-kernel-")
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = os.path.join(ipc_dir, "k")
     client = NotebookClient(
         nb,
+        config=config,
         kernel_name=KERNEL_NAME,
         timeout_func=lambda _cell: timeout,
         allow_errors=True,
@@ -222,6 +231,8 @@ async def _run_cells(
         # We want no kernel-client exception to cross our API; the cell's own errors are already ours.
         template = KERNEL_LOST_MSG if is_started else KERNEL_START_MSG
         raise InternalError(template.format(kernel=KERNEL_NAME, error=f"{type(exc).__name__}: {exc}")) from exc
+    finally:
+        shutil.rmtree(ipc_dir, ignore_errors=True)
     return "".join(stdout)
 
 
