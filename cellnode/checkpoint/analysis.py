@@ -20,6 +20,8 @@ IPYTHON_NAMES = frozenset({"get_ipython", "display"})
 OPAQUE_CALLS = frozenset({"exec", "eval", "globals"})
 OPAQUE_MODULE_CALLS = frozenset({"vars", "locals"})
 _BUILTINS = frozenset(dir(builtins))
+# Magics that run code in the user namespace, and the position of that code among the magic call's arguments.
+CODE_MAGICS = {("run_line_magic", "time"): 1, ("run_cell_magic", "time"): 2, ("run_cell_magic", "capture"): 2}
 # IPython does not annotate its constructor; we call it through an explicitly untyped name.
 _TRANSFORMER_MANAGER: Any = TransformerManager
 
@@ -45,7 +47,9 @@ def analyze_cell(source: str) -> CellAnalysis:
     code = transform_cell(source)
     try:
         tree = ast.parse(code, "<cell>", "exec")
-        table = symtable.symtable(code, "<cell>", "exec")
+        uses_ipython = any(isinstance(n, ast.Name) and n.id == "get_ipython" for n in ast.walk(tree))
+        tree = _inline_code_magics(tree)
+        table = symtable.symtable(ast.unparse(tree), "<cell>", "exec")
     except SyntaxError as exc:
         message = SYNTAX_ERROR_MSG.format(line=exc.lineno, msg=exc.msg)
         raise InvalidArgument(message) from exc
@@ -56,13 +60,49 @@ def analyze_cell(source: str) -> CellAnalysis:
     assigns = walker.assigns | nested_assigns
     nested_reads = {name for name in _nested_global_reads(table) if name not in assigns and _is_external(name)}
     opaque_calls = {name for name in _called_names(tree) if name in OPAQUE_CALLS}
-    uses_ipython = any(isinstance(n, ast.Name) and n.id == "get_ipython" for n in ast.walk(tree))
     return CellAnalysis(
         reads=frozenset((walker.reads - nested_assigns) | nested_reads),
         assigns=frozenset(assigns),
         is_complete=walker.is_complete and not opaque_calls,
         uses_ipython=uses_ipython,
     )
+
+
+def _inline_code_magics(tree: ast.Module) -> ast.Module:
+    """Put the code that `%time`, `%%time` and `%%capture` run in place of the magic call, to analyze it too."""
+    body: list[ast.stmt] = []
+    for statement in tree.body:
+        found = _magic_code(statement)
+        if found is None:
+            body.append(statement)
+            continue
+        code, binds = found
+        body.extend(_inline_code_magics(ast.parse(transform_cell(code), "<cell>", "exec")).body)
+        body.extend(ast.Assign(targets=[ast.Name(name, ast.Store())], value=ast.Constant(None)) for name in binds)
+    tree.body = body
+    return ast.fix_missing_locations(tree)
+
+
+def _magic_code(statement: ast.stmt) -> tuple[str, list[str]] | None:
+    """For `get_ipython().run_*_magic(NAME, LINE[, CELL])` of a code-running magic: its code and what it binds."""
+    if not (isinstance(statement, ast.Expr) and isinstance(call := statement.value, ast.Call)):
+        return None
+    method = call.func
+    if not (
+        isinstance(method, ast.Attribute)
+        and isinstance(method.value, ast.Call)
+        and isinstance(method.value.func, ast.Name)
+        and method.value.func.id == "get_ipython"
+        and all(isinstance(arg, ast.Constant) and isinstance(arg.value, str) for arg in call.args)
+    ):
+        return None
+    args = [str(arg.value) for arg in call.args if isinstance(arg, ast.Constant)]
+    index = CODE_MAGICS.get((method.attr, args[0] if args else ""))
+    if index is None or len(args) <= index:
+        return None
+    line_words = args[1].split()
+    binds = line_words[:1] if args[0] == "capture" and line_words and not line_words[0].startswith("-") else []
+    return args[index], binds
 
 
 def _has_lazy_annotations(tree: ast.Module) -> bool:

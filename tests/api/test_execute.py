@@ -249,3 +249,30 @@ def test_no_ready_instance(http: httpx.Client, client: Client, server: ServerPro
     status(response, 503, 14, "no ready instance", "FAILED")
     client.delete_node(node["id"])
     client.delete_checkpoint("corrupt-checkpoint")
+
+
+def test_cell_output_goes_to_the_node_log(
+    http: httpx.Client, server: ServerProcess, randomizer: dict[str, Any]
+) -> None:
+    """The randomizer prints its result: the print lands in the node's log, never in the response."""
+    response = http.post(
+        f"/datasphere/v1/nodes/{randomizer['id']}:execute",
+        json={"folder_id": randomizer["folder_id"], "input": {"input_data": {"left_bound": 4242, "right_bound": 4242}}},
+    )
+    assert response.json() == {"output": {"output_data": {"generated_value": 4242}}}
+    log = server.data_dir / "logs" / f"{randomizer['id']}.log"
+    assert "{'generated_value': 4242}" in log.read_text()
+
+
+def test_ipython_syntax_in_the_deployed_cell(http: httpx.Client, client: Client, tmp_path: Path) -> None:
+    path = notebook(tmp_path, "base = 10\nx = 2", "%time total = base + x\nsquares = [i * i for i in range(x)]")
+    client.create_checkpoint(path, name="magic-checkpoint")
+    node = client.create_node(
+        "magic-node", checkpoint="magic-checkpoint", inputs={"x": "int"}, outputs={"total": "int", "squares": "list"}
+    )
+    response = http.post(
+        f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": node["folder_id"], "input": {"x": 3}}
+    )
+    assert response.json() == {"output": {"total": 13, "squares": [0, 1, 4]}}
+    client.delete_node(node["id"])
+    client.delete_checkpoint("magic-checkpoint")

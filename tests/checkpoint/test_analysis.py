@@ -167,7 +167,7 @@ def test_line_magic() -> None:
     assert transform_cell("%time y = 2") == "get_ipython().run_line_magic('time', 'y = 2')\n"
     analysis = analyze_cell("%time y = 2")
     assert analysis.uses_ipython
-    assert analysis.assigns == set()
+    assert analysis.assigns == {"y"}  # the code %time runs is analyzed in place
     assert analysis.reads == set()
 
 
@@ -214,3 +214,21 @@ def test_less_common_statements(source: str, reads: set[str], assigns: set[str])
     analysis = analyze_cell(source)
     assert analysis.reads == reads
     assert analysis.assigns == assigns
+
+
+@pytest.mark.parametrize(
+    ("source", "reads", "assigns"),
+    [
+        ("%time total = base + x", {"base", "x"}, {"total"}),
+        ("%%time\ny = z * 2\nw = y", {"z"}, {"y", "w"}),
+        ("%%capture out\nprint(v)\nu = v", {"v"}, {"u", "out"}),
+        ("%%capture --no-stderr\nu = 1", set(), {"u"}),
+        ("%%time\n%time q = p", {"p"}, {"q"}),
+        ("%matplotlib inline\nr = 1", set(), {"r"}),
+    ],
+)
+def test_code_running_magics_are_analyzed_in_place(source: str, reads: set[str], assigns: set[str]) -> None:
+    analysis = analyze_cell(source)
+    assert analysis.uses_ipython
+    assert analysis.reads == reads
+    assert assigns <= analysis.assigns
