@@ -30,6 +30,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT; stop every instance on the way out."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
