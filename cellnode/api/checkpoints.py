@@ -51,8 +51,9 @@ async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: Ca
             cwd=workdir,
             env=kernel_env(),
         )
-        for variable in result.variables:
-            await asyncio.to_thread(svc.blobs.put_file, variable.path, variable.sha256)
+        # Variables with equal values share one blob: move each distinct blob in once.
+        for sha256, path in {v.sha256: v.path for v in result.variables}.items():
+            await asyncio.to_thread(svc.blobs.put_file, path, sha256)
         return await asyncio.to_thread(_save, svc, caller, folder.id, body, result)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

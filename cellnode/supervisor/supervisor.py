@@ -217,7 +217,8 @@ class Supervisor:
         route = self._table.find(node_id)
         if route is not None:
             route.instances = [i for i in route.instances if i is not running.instance]
-        running.instance.close()
+        # Not instance.close(): a request still on it learns of the death from its broken connection, with the
+        # exit code and the last log line, rather than "taken out of service".
         reason = f"Instance {running.handle.instance_id} exited with code {code}"
         last = running.handle.last_log_line()
         await self._crashed(node_id, f"{reason}: {last}" if last else reason, permanent=False)

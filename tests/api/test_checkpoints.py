@@ -74,3 +74,10 @@ def test_percent_script_and_cell_choice(own: Client, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="notes.txt"):
         own.create_checkpoint(tmp_path / "notes.txt") if (tmp_path / "notes.txt").write_text("x") else None
     own.delete_checkpoint("pipeline")
+
+
+def test_equal_values_share_one_blob(own: Client, tmp_path: Path) -> None:
+    checkpoint = own.create_checkpoint(notebook(tmp_path, "a = 'same'\nb = a\nc = 'sa' + 'me'"))
+    shas = {v["name"]: v["sha256"] for v in checkpoint["variables"]}
+    assert shas["a"] == shas["b"] == shas["c"]
+    own.delete_checkpoint(checkpoint["id"])

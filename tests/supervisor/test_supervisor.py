@@ -1,0 +1,82 @@
+"""The supervisor against a real server: a killed instance is replaced; a crash loop ends in FAILED with a reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellnode.client import Client
+from cellnode.exceptions import InternalError, Unavailable
+from tests.helpers import ServerProcess, notebook
+
+pytestmark = pytest.mark.slow
+
+
+def children(server: ServerProcess) -> set[int]:
+    assert server.proc is not None
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if b"cellnode.runtime" in cmdline and parent == server.proc.pid:
+            found.add(int(entry))
+    return found
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_killed_instance_is_replaced(server: ServerProcess, client: Client, tmp_path: Path) -> None:
+    client.create_checkpoint(notebook(tmp_path, "k = 3", "z = k * k"), name="respawn-checkpoint")
+    client.create_node("respawn-node", checkpoint="respawn-checkpoint", inputs={"k": "int"}, outputs={"z": "int"})
+    before = children(server)
+    assert client.execute("respawn-node", {"k": 4}) == {"z": 16}
+    victim = next(iter(before - (before - children(server))))
+    pids_before = children(server)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in children(server))
+
+    def healthy_again() -> bool:
+        try:
+            return client.execute("respawn-node", {"k": 5}) == {"z": 25}
+        except Unavailable:
+            return False
+
+    wait_for(healthy_again)
+    assert children(server) - pids_before, "a new instance process took over"
+    client.delete_node("respawn-node")
+    client.delete_checkpoint("respawn-checkpoint")
+
+
+def test_crash_loop_ends_in_failed(server: ServerProcess, client: Client, tmp_path: Path) -> None:
+    """A cell whose request kills the instance: after three crashes in a minute the node is FAILED, not looping."""
+    path = notebook(tmp_path, "import os\nmode = 'ok'", "if mode == 'die':\n    os._exit(17)\nanswer = mode")
+    client.create_checkpoint(path, name="crashy-checkpoint")
+    node = client.create_node(
+        "crashy-node", checkpoint="crashy-checkpoint", inputs={"mode": "str"}, outputs={"answer": "str"}
+    )
+    for _ in range(3):
+        wait_for(lambda: client.get_node(node["id"])["status"] in ("HEALTHY", "FAILED"))
+        if client.get_node(node["id"])["status"] == "FAILED":
+            break
+        with pytest.raises(Unavailable, match="exit"):
+            client.execute(node["id"], {"mode": "die"})
+    wait_for(lambda: client.get_node(node["id"])["status"] == "FAILED")
+    found = client.get_node(node["id"])
+    assert "exited with code 17" in found["status_message"]
+    with pytest.raises(InternalError, match="failed to start"):
+        client.wait_node(node["id"], timeout=5)
+    client.delete_node(node["id"])
+    client.delete_checkpoint("crashy-checkpoint")
