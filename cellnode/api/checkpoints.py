@@ -19,11 +19,11 @@ from fastapi import APIRouter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cellnode.api.deps import CallerDep, Services, ServicesDep, resolve_folder
+from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.schemas import CheckpointCreate, CheckpointList, CheckpointOut, PinRequest
 from cellnode.checkpoint.capture import Capture, capture
 from cellnode.checkpoint.notebook import read_notebook
-from cellnode.exceptions import AlreadyExists, FailedPrecondition, NotFound
+from cellnode.exceptions import AlreadyExists, FailedPrecondition
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Node
 
@@ -123,16 +123,7 @@ def delete_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: 
 
 def find_checkpoint(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Checkpoint:
     """A checkpoint by ID, or by pinned name in the folder."""
-    checkpoint = session.get(Checkpoint, ref)
-    if checkpoint is None:
-        folder = resolve_folder(session, svc, caller, folder_id)
-        checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.folder_id == folder.id, Checkpoint.name == ref))
-        if checkpoint is None:
-            raise NotFound(
-                f"Checkpoint {ref!r} not found in folder {folder.id!r} by ID or name. "
-                "'cellnode checkpoint list' shows the checkpoints."
-            )
-    return checkpoint
+    return find_resource(session, svc, caller, Checkpoint, ref, folder_id)
 
 
 def kernel_env() -> dict[str, str]:

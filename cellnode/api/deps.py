@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -15,7 +15,7 @@ from cellnode.exceptions import NotFound
 from cellnode.iam.credentials import Authenticator, Caller
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Folder
+from cellnode.store.models import Checkpoint, Folder, Node
 from cellnode.supervisor.supervisor import Supervisor
 
 
@@ -41,6 +41,7 @@ def caller(request: Request) -> Caller:
     return services(request).auth.authenticate_sync(request.headers.get("authorization"))
 
 
+Resource = TypeVar("Resource", Checkpoint, Node)
 ServicesDep = Annotated[Services, Depends(services)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
@@ -52,3 +53,20 @@ def resolve_folder(session: Session, svc: Services, who: Caller, folder_id: str 
     if folder is None:
         raise NotFound(f"Folder {wanted!r} not found. 'cellnode folder list' shows the folders.")
     return folder
+
+
+def find_resource(
+    session: Session, svc: Services, who: Caller, model: type[Resource], ref: str, folder_id: str | None
+) -> Resource:
+    """A resource by ID (in any folder), or by name in the folder the request names (or the caller's own)."""
+    found = session.get(model, ref)
+    if found is None:
+        folder = resolve_folder(session, svc, who, folder_id)
+        found = session.scalar(select(model).where(model.folder_id == folder.id, model.name == ref))
+        if found is None:
+            noun = model.__name__.lower()
+            raise NotFound(
+                f"{model.__name__} {ref!r} not found in folder {folder.id!r} by ID or name. "
+                f"'cellnode {noun} list' shows the {noun}s."
+            )
+    return found

@@ -9,11 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cellnode.api.checkpoints import find_checkpoint
-from cellnode.api.deps import CallerDep, Services, ServicesDep, resolve_folder
+from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
 from cellnode.api.schemas import NodeCreate, NodeList, NodeOut
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
-from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Node
 
@@ -94,15 +94,7 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
 
 def find_node(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Node:
     """A node by ID, or by name in the folder."""
-    node = session.get(Node, ref)
-    if node is None:
-        folder = resolve_folder(session, svc, caller, folder_id)
-        node = session.scalar(select(Node).where(Node.folder_id == folder.id, Node.name == ref))
-        if node is None:
-            raise NotFound(
-                f"Node {ref!r} not found in folder {folder.id!r} by ID or name. 'cellnode node list' shows the nodes."
-            )
-    return node
+    return find_resource(session, svc, caller, Node, ref, folder_id)
 
 
 def check_variables(body: NodeCreate, checkpoint: Checkpoint) -> tuple[str, bool]:

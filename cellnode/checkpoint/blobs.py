@@ -7,9 +7,9 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from cellnode._files import atomic_file, fsync_file
 from cellnode.exceptions import CorruptBlobError, InvalidArgument
 
 CHUNK_SIZE = 1024 * 1024
@@ -51,18 +51,9 @@ class BlobStore:
         target = self.path(sha256)
         if target.is_file():
             return sha256
-        directory = self._make_dirs(target)
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.chmod(tmp_name, FILE_MODE)
-            os.replace(tmp_name, target)
-        except BaseException:
-            _unlink_quietly(Path(tmp_name))
-            raise
+        self._make_dirs(target)
+        with atomic_file(target, FILE_MODE) as tmp:
+            tmp.write(data)
         return sha256
 
     def put_file(self, src: Path, sha256: str) -> None:
@@ -71,8 +62,9 @@ class BlobStore:
         found = _hash_file(src)
         if found != sha256:
             raise CorruptBlobError(MISMATCH_MSG.format(path=src, expected=sha256, found=found))
-        directory = self._make_dirs(target)
+        self._make_dirs(target)
         os.chmod(src, FILE_MODE)
+        fsync_file(src)
         try:
             os.replace(src, target)
             return
@@ -80,17 +72,8 @@ class BlobStore:
             if exc.errno != errno.EXDEV:
                 raise
         # `src` lives on another filesystem: copy next to the target, then rename atomically.
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as tmp, open(src, "rb") as source:
-                shutil.copyfileobj(source, tmp, CHUNK_SIZE)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.chmod(tmp_name, FILE_MODE)
-            os.replace(tmp_name, target)
-        except BaseException:
-            _unlink_quietly(Path(tmp_name))
-            raise
+        with atomic_file(target, FILE_MODE) as tmp, open(src, "rb") as source:
+            shutil.copyfileobj(source, tmp, CHUNK_SIZE)
         _unlink_quietly(Path(src))
 
     def read(self, sha256: str) -> bytes:

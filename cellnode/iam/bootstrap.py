@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
+from cellnode._files import atomic_file
 from cellnode.iam.credentials import digest, new_api_key
 from cellnode.store.db import Database
 from cellnode.store.models import AccessBinding, ApiKey, Folder, Principal
@@ -50,10 +50,5 @@ def bootstrap(db: Database, key_path: Path) -> Bootstrap:
 def write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path, 0o600) as handle:
+        handle.write(text.encode())
