@@ -8,6 +8,7 @@ neither unpinned nor deleted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import tempfile
@@ -43,7 +44,11 @@ async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: Ca
     staging = Path(tempfile.mkdtemp(prefix="capture-", dir=tmp_root))
     workdir = Path(tempfile.mkdtemp(prefix="kernel-", dir=tmp_root))
     try:
-        result = await capture(
+        # On its own event loop in a worker thread: nbclient replaces the process's SIGINT/SIGTERM handlers when
+        # it runs on the main thread (and leaves the defaults behind, which kills graceful shutdown), and the
+        # kernel's traffic stays off the loop that serves requests.
+        run = functools.partial(
+            capture,
             notebook,
             cell=body.cell,
             staging_dir=staging,
@@ -51,6 +56,7 @@ async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: Ca
             cwd=workdir,
             env=kernel_env(),
         )
+        result = await asyncio.to_thread(lambda: asyncio.run(run()))
         # Variables with equal values share one blob: move each distinct blob in once.
         for sha256, path in {v.sha256: v.path for v in result.variables}.items():
             await asyncio.to_thread(svc.blobs.put_file, path, sha256)
