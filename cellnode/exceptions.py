@@ -11,6 +11,7 @@ CellnodeError
     ├ Unauthenticated           # 401  UNAUTHENTICATED
     ├ PermissionDenied          # 403  PERMISSION_DENIED
     ├ NotFound(LookupError)     # 404  NOT_FOUND
+    ├ MethodNotAllowed          # 405  UNIMPLEMENTED
     ├ AlreadyExists             # 409  ALREADY_EXISTS
     ├ FailedPrecondition        # 409  FAILED_PRECONDITION (the resource is in use)
     ├ PayloadTooLarge           # 413  RESOURCE_EXHAUSTED
@@ -125,6 +126,14 @@ class NotFound(APIError, LookupError):
     reason = "NOT_FOUND"
 
 
+class MethodNotAllowed(APIError):
+    """The path exists, but not with this HTTP method."""
+
+    status_code = 405
+    grpc_code = 12
+    reason = "UNIMPLEMENTED"
+
+
 class AlreadyExists(APIError):
     """A resource with that name already exists."""
 
@@ -221,6 +230,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     401: Unauthenticated,
     403: PermissionDenied,
     404: NotFound,
+    405: MethodNotAllowed,
     409: FailedPrecondition,
     413: PayloadTooLarge,
     500: InternalError,

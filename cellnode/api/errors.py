@@ -10,11 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge
+from cellnode.exceptions import APIError, InternalError, InvalidArgument, MethodNotAllowed, NotFound, PayloadTooLarge
 
 logger = logging.getLogger("cellnode.api")
 
-_HTTP_CLASSES: dict[int, type[APIError]] = {404: NotFound, 405: InvalidArgument, 413: PayloadTooLarge}
+_HTTP_CLASSES: dict[int, type[APIError]] = {404: NotFound, 413: PayloadTooLarge}
 
 
 def error_response(error: APIError) -> Response:
@@ -41,7 +41,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error: APIError = NotFound(f"No route {request.method} {request.url.path}. See /docs for the API.")
     elif exc.status_code == 405:
-        error = InvalidArgument(f"Method {request.method} is not allowed on {request.url.path}. See /docs.")
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}. See /docs.")
     else:
         error = _HTTP_CLASSES.get(exc.status_code, InternalError)(str(exc.detail))
     return error_response(error)

@@ -2,26 +2,32 @@
 
 Per request: the credential comes from the token cache, the node from the in-memory routing table; the body is
 parsed once; the output comes back from the instance as JSON bytes and is wrapped, not parsed again. No database
-query and no new connection. These are plain Starlette endpoints: FastAPI's dependency injection and pydantic
-validation would cost more than the work they do here.
+query and no new connection. These are plain Starlette endpoints, dispatched by `ExecuteFront` ahead of the FastAPI
+app: its dependency injection, validation and middleware would cost more than the work they do here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cellnode.api.deps import Services
+from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
-from cellnode.exceptions import InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from cellnode.router.table import NodeRoute
 from cellnode.runtime.variables import check_input, type_name
 
 BODY_FIELDS = ("folder_id", "folderId", "node_id", "nodeId", "input")
+NODE_PREFIX = "/datasphere/v1/nodes/"
+EXECUTE_SUFFIX = ":execute"
+logger = logging.getLogger("cellnode.api")
 
 
 async def execute_node(request: Request) -> Response:
@@ -142,3 +148,38 @@ def _parse(body: bytes) -> Any:
 
 def _too_large(size: int) -> str:
     return f"The request body is {size} bytes, over the 16 MB limit ({MAX_MESSAGE_BYTES} bytes); send less data."
+
+
+class ExecuteFront:
+    """An ASGI app in front of the FastAPI app that answers execute POSTs itself and passes everything else on.
+
+    Measured (bench/README.md): the same handler ran at 14.6k req/s as a bare route and 10.8k behind FastAPI's
+    middleware stack, which an execute request does not need. The routes stay registered on the FastAPI app too,
+    so that other methods on these paths get FastAPI's answers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == "/":
+            handler = execute_by_header
+        elif path.startswith(NODE_PREFIX) and path.endswith(EXECUTE_SUFFIX) and "/" not in path[len(NODE_PREFIX) :]:
+            handler = execute_node
+            scope["path_params"] = {"node_id": path[len(NODE_PREFIX) : -len(EXECUTE_SUFFIX)]}
+        else:
+            await self.app(scope, receive, send)
+            return
+        scope["app"] = self.app
+        try:
+            response = await handler(Request(scope, receive))
+        except APIError as exc:
+            response = error_response(exc)
+        except Exception:
+            logger.exception("Unexpected error on POST %s", path)
+            response = error_response(InternalError("Internal error; the server log has the details."))
+        await response(scope, receive, send)

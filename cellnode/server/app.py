@@ -28,7 +28,7 @@ from cellnode.supervisor.supervisor import Supervisor
 logger = logging.getLogger("cellnode.server")
 
 
-def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> FastAPI:
+def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> execute.ExecuteFront:
     """The application; the lifespan opens the store, runs migrations, bootstraps, and starts the supervisor."""
 
     @asynccontextmanager
@@ -81,7 +81,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
     app.add_route("/", execute.execute_by_header, methods=["POST"])
     for module in (folders, iam, checkpoints, nodes):
         app.include_router(module.router)
-    return app
+    return execute.ExecuteFront(app)
 
 
 async def health(request: Request) -> JSONResponse:

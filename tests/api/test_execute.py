@@ -276,3 +276,9 @@ def test_ipython_syntax_in_the_deployed_cell(http: httpx.Client, client: Client,
     assert response.json() == {"output": {"total": 13, "squares": [0, 1, 4]}}
     client.delete_node(node["id"])
     client.delete_checkpoint("magic-checkpoint")
+
+
+def test_other_methods_and_paths_fall_through_to_the_api(http: httpx.Client, randomizer: dict[str, Any]) -> None:
+    status(http.get(f"/datasphere/v1/nodes/{randomizer['id']}:execute"), 405, 12, "Method GET is not allowed")
+    status(http.post("/datasphere/v1/nodes/a/b:execute", json={}), 404, 5, "No route POST")
+    assert http.get("/health").json()["status"] == "ok"
