@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
 from cellnode.checkpoint.blobs import BlobStore
@@ -74,6 +74,7 @@ class Supervisor:
     async def start(self) -> None:
         """Load the routing table from the store and start reconciling in the background."""
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._mark_restarting)
         await self.reconcile()
         self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
 
@@ -126,6 +127,15 @@ class Supervisor:
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
             await self._stop(node_id)
             self._table.remove(node_id)
+
+    def _mark_restarting(self) -> None:
+        """Statuses left by a previous server say nothing of instances that no longer exist."""
+        with self._db.session() as session:
+            session.execute(
+                update(Node)
+                .where(Node.status.in_(("HEALTHY", "UNHEALTHY")))
+                .values(status="UNHEALTHY", status_message="The server started again; starting an instance.")
+            )
 
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
