@@ -40,10 +40,10 @@ def wait_for(predicate: Any, timeout: float = 30.0) -> None:
 
 def test_killed_instance_is_replaced(server: ServerProcess, client: Client, tmp_path: Path) -> None:
     client.create_checkpoint(notebook(tmp_path, "k = 3", "z = k * k"), name="respawn-checkpoint")
+    others = children(server)
     client.create_node("respawn-node", checkpoint="respawn-checkpoint", inputs={"k": "int"}, outputs={"z": "int"})
-    before = children(server)
+    (victim,) = children(server) - others
     assert client.execute("respawn-node", {"k": 4}) == {"z": 16}
-    victim = next(iter(before - (before - children(server))))
     pids_before = children(server)
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in children(server))
