@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -36,7 +37,8 @@ def resolve_connection(url: str | None = None, token: str | None = None) -> tupl
             try:
                 profile = json.loads(profile_path.read_text())
                 url = url or profile.get("url")
-                if token is None and profile.get("key_file"):
+                # The profile's key goes only to the profile's server, never to a URL given elsewhere.
+                if token is None and profile.get("key_file") and url == profile.get("url"):
                     token = Path(profile["key_file"]).read_text().strip()
             except (OSError, ValueError) as exc:
                 raise ConfigError(
@@ -104,18 +106,21 @@ class Client:
         return result
 
     def get_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
-        return self._request("GET", f"/cellnode/v1/checkpoints/{ref}", params=_folder(folder_id))
+        return self._request("GET", f"/cellnode/v1/checkpoints/{quote(ref, safe='')}", params=_folder(folder_id))
 
     def pin_checkpoint(self, ref: str, name: str, *, folder_id: str | None = None) -> dict[str, Any]:
         return self._request(
-            "POST", f"/cellnode/v1/checkpoints/{ref}:pin", json={"name": name}, params=_folder(folder_id)
+            "POST",
+            f"/cellnode/v1/checkpoints/{quote(ref, safe='')}:pin",
+            json={"name": name},
+            params=_folder(folder_id),
         )
 
     def unpin_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
-        return self._request("POST", f"/cellnode/v1/checkpoints/{ref}:unpin", params=_folder(folder_id))
+        return self._request("POST", f"/cellnode/v1/checkpoints/{quote(ref, safe='')}:unpin", params=_folder(folder_id))
 
     def delete_checkpoint(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
-        return self._request("DELETE", f"/cellnode/v1/checkpoints/{ref}", params=_folder(folder_id))
+        return self._request("DELETE", f"/cellnode/v1/checkpoints/{quote(ref, safe='')}", params=_folder(folder_id))
 
     # -- nodes
     def create_node(
@@ -168,10 +173,10 @@ class Client:
         return nodes
 
     def get_node(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
-        return self._request("GET", f"/cellnode/v1/nodes/{ref}", params=_folder(folder_id))
+        return self._request("GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}", params=_folder(folder_id))
 
     def delete_node(self, ref: str, *, folder_id: str | None = None, wait: bool = True) -> dict[str, Any]:
-        node = self._request("DELETE", f"/cellnode/v1/nodes/{ref}", params=_folder(folder_id))
+        node = self._request("DELETE", f"/cellnode/v1/nodes/{quote(ref, safe='')}", params=_folder(folder_id))
         deadline = time.monotonic() + 60
         while wait and time.monotonic() < deadline:
             try:
@@ -184,7 +189,7 @@ class Client:
         return node
 
     def node_openapi(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
-        return self._request("GET", f"/cellnode/v1/nodes/{ref}/openapi.json", params=_folder(folder_id))
+        return self._request("GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}/openapi.json", params=_folder(folder_id))
 
     def execute(
         self, node: str, input: dict[str, Any], *, folder_id: str | None = None, timeout: float | None = None
@@ -193,7 +198,10 @@ class Client:
         found = self.get_node(node, folder_id=folder_id)
         body = {"folder_id": folder_id or found["folder_id"], "input": input}
         response = self._request(
-            "POST", f"/datasphere/v1/nodes/{found['id']}:execute", json=body, timeout=timeout or found["timeout"] + 5
+            "POST",
+            f"/datasphere/v1/nodes/{quote(found['id'], safe='')}:execute",
+            json=body,
+            timeout=timeout or found["timeout"] + 5,
         )
         output: dict[str, Any] = response["output"]
         return output

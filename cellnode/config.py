@@ -30,7 +30,7 @@ def default_profile_path() -> Path:
 
 
 class Settings(BaseSettings):
-    """Server settings. Each field is also `CELLNODE_<NAME>` in the environment and a `serve` flag."""
+    """Server settings. Each field is also `CELLNODE_<NAME>` in the environment; the common ones are `serve` flags."""
 
     model_config = SettingsConfigDict(env_prefix="CELLNODE_", extra="ignore")
 
@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         if value not in BACKENDS:
             raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(sorted(BACKENDS))}")
         return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # The profile names the key file by path; a relative one would break the CLI in any other directory.
+        return value.expanduser().resolve()
 
     @property
     def db_url(self) -> str:

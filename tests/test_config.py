@@ -24,3 +24,8 @@ def test_bad_value_names_key_and_variable(monkeypatch: pytest.MonkeyPatch) -> No
         load_settings()
     with pytest.raises(ConfigError, match="unknown backend 'mars'"):
         load_settings(port=1, backend="mars")
+
+
+def test_a_relative_data_dir_is_made_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(data_dir=Path("data")).data_dir == tmp_path / "data"

@@ -30,6 +30,11 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors():
+        if error["type"] == "json_invalid":
+            position = error.get("ctx", {}).get("error", "")
+            return error_response(
+                InvalidArgument(f"The request body is not valid JSON ({position or 'malformed'}); send a JSON object.")
+            )
         location = ".".join(str(part) for part in error["loc"] if part != "body")
         value = f" (got {error['input']!r})" if "input" in error and error["type"] != "missing" else ""
         problems.append(f"{location or 'body'}: {error['msg']}{value}")

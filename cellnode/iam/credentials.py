@@ -19,6 +19,7 @@ from cellnode.store.models import ApiKey, IamToken, Principal
 TOKEN_LIFETIME = timedelta(hours=12)
 # A cached credential is looked up again after this long, so that a revocation made by another server reaches us.
 CACHE_SECONDS = 60.0
+MAX_CACHED = 100_000
 NO_CREDENTIAL = (
     "The request has no credential. Send 'Authorization: Bearer <IAM token>' or 'Authorization: Api-Key <key>'; "
     "'cellnode iam create-token' prints a token."
@@ -33,6 +34,7 @@ class Caller:
     kind: str  # "serviceAccount" or "user"
     folder_id: str | None  # a service account's home folder
     api_key_id: str | None
+    expires_at: datetime | None = None  # when the credential used ends (an IAM token's expiry)
 
 
 def digest(secret: str) -> str:
@@ -58,7 +60,7 @@ class Authenticator:
     async def authenticate(self, authorization: str | None) -> Caller:
         """The caller for a header value; Unauthenticated naming what is wrong, never which part matched."""
         scheme, secret = _split(authorization)
-        key = digest(secret)
+        key = f"{scheme}:{digest(secret)}"
         cached = self._cache.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
@@ -66,7 +68,7 @@ class Authenticator:
 
     def authenticate_sync(self, authorization: str | None) -> Caller:
         scheme, secret = _split(authorization)
-        key = digest(secret)
+        key = f"{scheme}:{digest(secret)}"
         cached = self._cache.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
@@ -78,18 +80,20 @@ class Authenticator:
 
     def _lookup(self, scheme: str, secret: str, key: str) -> Caller:
         now = datetime.now(UTC)
+        hashed = digest(secret)
         with self._db.session() as session:
             if scheme == "api-key":
-                api_key = session.scalar(select(ApiKey).where(ApiKey.secret_hash == key))
-                if api_key is None or not secrets.compare_digest(api_key.secret_hash, key):
+                api_key = session.scalar(select(ApiKey).where(ApiKey.secret_hash == hashed))
+                if api_key is None or not secrets.compare_digest(api_key.secret_hash, hashed):
                     raise Unauthenticated("The API key is not valid. Check the key, or create a new one.")
                 if api_key.revoked_at is not None:
                     raise Unauthenticated("The API key was revoked. Use another key.")
                 principal_id, valid_for = api_key.principal_id, CACHE_SECONDS
                 api_key_id: str | None = api_key.id
+                expires_at: datetime | None = None
             else:
-                token = session.scalar(select(IamToken).where(IamToken.token_hash == key))
-                if token is None or not secrets.compare_digest(token.token_hash, key):
+                token = session.scalar(select(IamToken).where(IamToken.token_hash == hashed))
+                if token is None or not secrets.compare_digest(token.token_hash, hashed):
                     raise Unauthenticated("The IAM token is not valid. Create one with 'cellnode iam create-token'.")
                 if token.expires_at <= now:
                     raise Unauthenticated(
@@ -100,19 +104,23 @@ class Authenticator:
                     parent = session.get(ApiKey, token.api_key_id)
                     if parent is None or parent.revoked_at is not None:
                         raise Unauthenticated("The IAM token was revoked with the API key it was created from.")
-                principal_id, api_key_id = token.principal_id, token.api_key_id
+                principal_id, api_key_id, expires_at = token.principal_id, token.api_key_id, token.expires_at
                 valid_for = min(CACHE_SECONDS, (token.expires_at - now).total_seconds())
             principal = session.get(Principal, principal_id)
             assert principal is not None, "a credential always belongs to a principal (foreign key)"
-            caller = Caller(principal.id, principal.kind, principal.folder_id, api_key_id)
+            caller = Caller(principal.id, principal.kind, principal.folder_id, api_key_id, expires_at)
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()  # rare; cheaper than tracking use, and every entry is one lookup away
         self._cache[key] = (caller, time.monotonic() + valid_for)
         return caller
 
 
 def mint_iam_token(db: Database, caller: Caller) -> tuple[str, datetime]:
-    """A new 12-hour IAM token for the caller, tied to the API key the caller used."""
+    """A new IAM token for the caller, tied to its API key: 12 hours, but no longer than the token it presented."""
     token = new_iam_token()
     expires_at = datetime.now(UTC) + TOKEN_LIFETIME
+    if caller.expires_at is not None:
+        expires_at = min(expires_at, caller.expires_at)
     with db.session() as session:
         session.add(
             IamToken(
@@ -132,8 +140,10 @@ def _split(authorization: str | None) -> tuple[str, str]:
     scheme = scheme.lower()
     secret = secret.strip()
     if scheme not in ("bearer", "api-key"):
+        # Never echo the value: a key sent without its scheme would come back in the error.
         raise Unauthenticated(
-            f"The Authorization header must be 'Bearer <IAM token>' or 'Api-Key <key>'; got the scheme {scheme!r}."
+            "The Authorization header must be 'Bearer <IAM token>' or 'Api-Key <key>': the scheme, a space, "
+            "then the credential."
         )
     if not secret or " " in secret:
         raise Unauthenticated(f"The Authorization header has the scheme {scheme!r} but no single credential after it.")

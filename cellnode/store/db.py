@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cellnode.exceptions import AlreadyExists
+from cellnode.exceptions import AlreadyExists, FailedPrecondition
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -46,7 +46,15 @@ class Database:
             session.commit()
         except IntegrityError as exc:
             session.rollback()
-            raise AlreadyExists(f"The change conflicts with an existing resource: {exc.orig}.") from exc
+            # The driver's text can hold key values; say what happened instead.
+            if "foreign key" in str(exc.orig).lower():
+                raise FailedPrecondition(
+                    "The change refers to a resource that was deleted meanwhile. Check it still exists, then retry."
+                ) from exc
+            raise AlreadyExists(
+                "The change conflicts with an existing resource: a name that was taken meanwhile. "
+                "Choose another name, or retry."
+            ) from exc
         except BaseException:
             session.rollback()
             raise

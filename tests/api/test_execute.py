@@ -141,7 +141,7 @@ def test_unknown_node(http: httpx.Client, randomizer: dict[str, Any]) -> None:
         (None, "no credential"),
         ("Bearer t1.not-a-real-token", "IAM token is not valid"),
         ("Api-Key cnk_wrong", "API key is not valid"),
-        ("Basic dXNlcjpwYXNz", "got the scheme 'basic'"),
+        ("Basic dXNlcjpwYXNz", "must be 'Bearer <IAM token>' or 'Api-Key <key>'"),
         ("Bearer", "no single credential"),
     ],
 )

@@ -82,7 +82,7 @@ def test_revoked_key_revokes_its_tokens(db: Database, tmp_path: Path) -> None:
     [
         (None, "no credential"),
         ("", "no credential"),
-        ("Token abc", "got the scheme 'token'"),
+        ("Token abc", "must be 'Bearer <IAM token>' or 'Api-Key <key>'"),
         ("Bearer a b", "no single credential"),
         ("Bearer t1.unknown", "IAM token is not valid"),
     ],
@@ -90,3 +90,28 @@ def test_revoked_key_revokes_its_tokens(db: Database, tmp_path: Path) -> None:
 def test_malformed(db: Database, header: str | None, fragment: str) -> None:
     with pytest.raises(Unauthenticated, match=fragment):
         Authenticator(db).authenticate_sync(header)
+
+
+def test_a_credential_without_its_scheme_is_not_echoed(db: Database, tmp_path: Path) -> None:
+    key = bootstrap(db, tmp_path / "admin.key").new_key
+    assert key is not None
+    with pytest.raises(Unauthenticated) as caught:
+        Authenticator(db).authenticate_sync(key)
+    assert key.lower() not in caught.value.message.lower()
+
+
+def test_the_cache_keeps_schemes_apart(db: Database, tmp_path: Path) -> None:
+    key = bootstrap(db, tmp_path / "admin.key").new_key
+    auth = Authenticator(db)
+    auth.authenticate_sync(f"Api-Key {key}")
+    with pytest.raises(Unauthenticated, match="IAM token is not valid"):
+        auth.authenticate_sync(f"Bearer {key}")
+
+
+def test_a_token_minted_with_a_token_ends_no_later(db: Database, tmp_path: Path) -> None:
+    key = bootstrap(db, tmp_path / "admin.key").new_key
+    auth = Authenticator(db)
+    first, first_expiry = mint_iam_token(db, auth.authenticate_sync(f"Api-Key {key}"))
+    second, second_expiry = mint_iam_token(db, auth.authenticate_sync(f"Bearer {first}"))
+    assert second_expiry == first_expiry
+    assert auth.authenticate_sync(f"Bearer {second}").expires_at == first_expiry
