@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir, description="Directory for the database, blobs, logs.")
     database_url: str | None = Field(None, description="SQLAlchemy URL. Defaults to SQLite in the data directory.")
     backend: str = Field("local", description="Where instances run. Only 'local' (processes on this machine) now.")
-    capture_timeout: float = Field(600.0, gt=0, description="Seconds a checkpoint capture may run. Defaults to 600.")
+    capture_timeout: float = Field(
+        600.0, gt=0, description="Seconds each notebook cell may run during a capture. Defaults to 600."
+    )
+    max_captures: int = Field(2, ge=1, description="Captures (kernels) that may run at once; others wait. Default 2.")
     instance_start_timeout: float = Field(120.0, gt=0, description="Seconds an instance may take to load.")
     profile: Path | None = Field(None, description="Profile file written for the local CLI; 'none' to skip.")
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")

@@ -38,15 +38,18 @@ MAX_UNPINNED = 10
 async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: CallerDep) -> CheckpointOut:
     """Run code cells 1..K of the notebook in a fresh kernel and save its user namespace as a checkpoint."""
     folder = await asyncio.to_thread(_folder_for_create, svc, caller, body)
-    notebook = read_notebook(body.notebook.encode(), body.notebook_name)
+    notebook = await asyncio.to_thread(read_notebook, body.notebook.encode(), body.notebook_name)
     tmp_root = svc.settings.data_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Staging beside the blobs (one filesystem, so blobs move in by rename); the kernel's working directory
+    # outside the data directory.
     staging = Path(tempfile.mkdtemp(prefix="capture-", dir=tmp_root))
-    workdir = Path(tempfile.mkdtemp(prefix="kernel-", dir=tmp_root))
+    workdir = Path(tempfile.mkdtemp(prefix="cellnode-kernel-"))
     try:
-        # On its own event loop in a worker thread: nbclient replaces the process's SIGINT/SIGTERM handlers when
-        # it runs on the main thread (and leaves the defaults behind, which kills graceful shutdown), and the
-        # kernel's traffic stays off the loop that serves requests.
+        # On its own event loop, on a bounded pool of capture threads: nbclient replaces the process's
+        # SIGINT/SIGTERM handlers when it runs on the main thread (leaving the defaults behind, which kills graceful
+        # shutdown); the kernel's traffic stays off the loop that serves requests; and captures never take the
+        # threads that credential lookups and status writes need.
         run = functools.partial(
             capture,
             notebook,
@@ -56,11 +59,8 @@ async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: Ca
             cwd=workdir,
             env=kernel_env(),
         )
-        result = await asyncio.to_thread(lambda: asyncio.run(run()))
-        # Variables with equal values share one blob: move each distinct blob in once.
-        for sha256, path in {v.sha256: v.path for v in result.variables}.items():
-            await asyncio.to_thread(svc.blobs.put_file, path, sha256)
-        return await asyncio.to_thread(_save, svc, caller, folder.id, body, result)
+        result = await asyncio.get_running_loop().run_in_executor(svc.captures, lambda: asyncio.run(run()))
+        return await asyncio.to_thread(_store, svc, caller, folder.id, body, result)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -103,14 +103,16 @@ def pin_checkpoint(
 
 @router.post("/{ref}:unpin", response_model=CheckpointOut)
 def unpin_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> CheckpointOut:
-    """Unpin a checkpoint; refused while it backs a node."""
+    """Unpin a checkpoint; refused while it backs a node. If that makes 11 unpinned, the oldest other one goes."""
     with svc.db.session() as session:
         checkpoint = find_checkpoint(session, svc, caller, ref, folder_id)
         _check_unused(session, checkpoint, "unpinned")
         checkpoint.name, checkpoint.pinned_at = None, None
-        evicted = _evict(session, svc, checkpoint.folder_id)
         session.flush()
-        return _out(checkpoint, evicted)
+        evicted, shas = _evict(session, checkpoint.folder_id, keep=checkpoint.id)
+        out = _out(checkpoint, evicted)
+    collect_blobs(svc, shas)
+    return out
 
 
 @router.delete("/{ref}", response_model=CheckpointOut)
@@ -122,9 +124,8 @@ def delete_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: 
         out = _out(checkpoint)
         shas = {v["sha256"] for v in checkpoint.variables}
         session.delete(checkpoint)
-        session.flush()
-        _collect_blobs(session, svc, shas)
-        return out
+    collect_blobs(svc, shas)
+    return out
 
 
 def find_checkpoint(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Checkpoint:
@@ -146,7 +147,25 @@ def _folder_for_create(svc: Services, caller: Caller, body: CheckpointCreate) ->
         return folder
 
 
-def _save(svc: Services, caller: Caller, folder_id: str, body: CheckpointCreate, result: Capture) -> CheckpointOut:
+def _store(svc: Services, caller: Caller, folder_id: str, body: CheckpointCreate, result: Capture) -> CheckpointOut:
+    """Move the blobs in and save the row, under the blob lock, so that no collection can take the blobs between."""
+    shas = {v.sha256 for v in result.variables}
+    with svc.blob_lock:
+        # Variables with equal values share one blob: move each distinct blob in once.
+        for sha256, path in {v.sha256: v.path for v in result.variables}.items():
+            svc.blobs.put_file(path, sha256)
+        try:
+            out, evicted_shas = _save(svc, caller, folder_id, body, result)
+        except BaseException:
+            _collect_unlocked(svc, shas)  # the blobs this capture brought and nothing else uses
+            raise
+        _collect_unlocked(svc, evicted_shas)
+    return out
+
+
+def _save(
+    svc: Services, caller: Caller, folder_id: str, body: CheckpointCreate, result: Capture
+) -> tuple[CheckpointOut, set[str]]:
     with svc.db.session() as session:
         if body.name is not None:
             # Checked again: another request may have taken the name while the kernel ran.
@@ -169,34 +188,42 @@ def _save(svc: Services, caller: Caller, folder_id: str, body: CheckpointCreate,
         )
         session.add(checkpoint)
         session.flush()
-        evicted = _evict(session, svc, folder_id)
-        return _out(checkpoint, evicted)
+        evicted, shas = _evict(session, folder_id, keep=checkpoint.id)
+        return _out(checkpoint, evicted), shas
 
 
-def _evict(session: Session, svc: Services, folder_id: str) -> list[str]:
+def _evict(session: Session, folder_id: str, *, keep: str) -> tuple[list[str], set[str]]:
+    """Delete the oldest unpinned checkpoints past the limit, never `keep`; their IDs and blobs to collect."""
     unpinned = list(
         session.scalars(
             select(Checkpoint)
-            .where(Checkpoint.folder_id == folder_id, Checkpoint.pinned_at.is_(None))
+            .where(Checkpoint.folder_id == folder_id, Checkpoint.pinned_at.is_(None), Checkpoint.id != keep)
             .order_by(Checkpoint.created_at.desc())
         )
     )
-    evicted = unpinned[MAX_UNPINNED:]
+    is_kept_unpinned = session.scalar(
+        select(Checkpoint.id).where(Checkpoint.id == keep, Checkpoint.pinned_at.is_(None))
+    )
+    evicted = unpinned[MAX_UNPINNED - (1 if is_kept_unpinned else 0) :]
     shas: set[str] = set()
     for old in evicted:
         shas.update(v["sha256"] for v in old.variables)
         session.delete(old)
-    if evicted:
-        session.flush()
-        _collect_blobs(session, svc, shas)
-    return [old.id for old in evicted]
+    return [old.id for old in evicted], shas
 
 
-def _collect_blobs(session: Session, svc: Services, shas: set[str]) -> None:
-    """Delete the blobs among `shas` that no remaining checkpoint uses."""
+def collect_blobs(svc: Services, shas: set[str]) -> None:
+    """After a commit: delete the blobs among `shas` that no checkpoint uses any more."""
+    if shas:
+        with svc.blob_lock:
+            _collect_unlocked(svc, shas)
+
+
+def _collect_unlocked(svc: Services, shas: set[str]) -> None:
     if not shas:
         return
-    rows: list[list[Any]] = list(session.scalars(select(Checkpoint.variables)))
+    with svc.db.session() as session:
+        rows: list[list[Any]] = list(session.scalars(select(Checkpoint.variables)))
     in_use = {v["sha256"] for variables in rows for v in variables}
     for sha in shas - in_use:
         svc.blobs.delete(sha)

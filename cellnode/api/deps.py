@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
@@ -30,6 +32,8 @@ class Services:
     table: RoutingTable
     supervisor: Supervisor
     default_folder_id: str
+    captures: ThreadPoolExecutor  # capture kernels run here, at most `max_captures` at once
+    blob_lock: threading.Lock  # held while blobs move in or are collected
 
 
 def services(request: Request) -> Services:

@@ -41,6 +41,8 @@ class Instance:
         self.interrupt_grace = interrupt_grace
         self._channel = InstanceChannel(handle.address)
         self._outstanding = 0
+        # True once the front killed the process itself (a cell that ignored the interrupt): not a crash.
+        self.killed_by_front = False
         self._is_alive = True
         self._death = ""
         self._died = asyncio.Event()
@@ -142,6 +144,7 @@ class Instance:
         if answer.done() and not answer.exception():
             return DeadlineExceeded(self._timed_out("the cell was interrupted"))
         reason = f"the cell ignored the interrupt for {self.interrupt_grace:g} s, so its instance was killed"
+        self.killed_by_front = True
         if answer.done():
             reason = "the cell was interrupted and its instance died"
         await self._die(reason)
@@ -169,7 +172,7 @@ class Instance:
                 code = self.handle.returncode
             self._death = (
                 f"Instance {self.instance_id!r} of node {self.node_id!r} is unavailable: {reason}; "
-                f"it exited with code {code}. Its last log line: {self.handle.last_log_line()!r}."
+                f"it exited with code {code}. The node's log has its output."
             )
             self._died.set()
         return Unavailable(await self._describe_death())

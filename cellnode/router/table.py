@@ -33,10 +33,10 @@ class NodeRoute:
             if instance.is_alive and (best is None or instance.outstanding < best.outstanding):
                 best = instance
         if best is None:
-            detail = f": {self.status_message}" if self.status_message else ""
+            # Not the status message: it can quote the node's log, which is the owner's to read, not the caller's.
             raise Unavailable(
-                f"Node {self.node_id!r} has no ready instance (status {self.status}{detail}). "
-                "Retry shortly, or see 'cellnode node get' for its status."
+                f"Node {self.node_id!r} has no ready instance (status {self.status}). "
+                "Retry shortly; its owner can see why with 'cellnode node get'."
             )
         return best
 

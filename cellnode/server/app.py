@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -60,6 +62,8 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             table=table,
             supervisor=supervisor,
             default_folder_id=first.folder_id,
+            captures=ThreadPoolExecutor(settings.max_captures, thread_name_prefix="cellnode-capture"),
+            blob_lock=threading.Lock(),
         )
         await supervisor.start()
         try:
@@ -67,9 +71,11 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         finally:
             logger.info("Stopping all instances.")
             await supervisor.close()
+            app.state.services.captures.shutdown(wait=False, cancel_futures=True)
             db.close()
 
     app = FastAPI(
+        redoc_url=None,
         title="cellnode",
         version=__version__,
         description="Management and execute API of a cellnode server.",

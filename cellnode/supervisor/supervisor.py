@@ -18,7 +18,7 @@ from cellnode.exceptions import Unavailable
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Checkpoint, Node, new_id
+from cellnode.store.models import Checkpoint, Node, new_id, utcnow
 
 logger = logging.getLogger("cellnode.supervisor")
 
@@ -177,7 +177,7 @@ class Supervisor:
             return
         except Exception as exc:
             logger.exception("Node %s: the instance could not be started.", node.id)
-            await self._crashed(node.id, f"The instance could not be started: {exc}", permanent=True)
+            await self._crashed(node.id, f"The instance could not be started: {exc}", permanent=False)
             return
         finally:
             state.starting = False
@@ -229,6 +229,12 @@ class Supervisor:
             route.instances = [i for i in route.instances if i is not running.instance]
         # Not instance.close(): a request still on it learns of the death from its broken connection, with the
         # exit code and the last log line, rather than "taken out of service".
+        if running.instance.killed_by_front:
+            # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
+            logger.warning("Node %s: instance %s was killed after a timeout; replacing it.", node_id, code)
+            await self._set_status(node_id, "UNHEALTHY", "Replacing an instance killed after a request timed out.")
+            self.notify()
+            return
         reason = f"Instance {running.handle.instance_id} exited with code {code}"
         last = running.handle.last_log_line()
         await self._crashed(node_id, f"{reason}: {last}" if last else reason, permanent=False)
@@ -255,10 +261,13 @@ class Supervisor:
             route.status, route.status_message = status, message
 
         def write() -> None:
+            # One conditional UPDATE: a delete that lands meanwhile is never overwritten.
             with self._db.session() as session:
-                node = session.get(Node, node_id)
-                if node is not None and node.status != "DELETING":
-                    node.status, node.status_message = status, message
+                session.execute(
+                    update(Node)
+                    .where(Node.id == node_id, Node.status != "DELETING")
+                    .values(status=status, status_message=message, updated_at=utcnow())
+                )
 
         await asyncio.to_thread(write)
 

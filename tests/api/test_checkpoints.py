@@ -34,6 +34,14 @@ def test_eleventh_unpinned_evicts_the_oldest_and_pinned_are_capped(own: Client, 
     with pytest.raises(NotFound):
         own.get_checkpoint(created[0]["id"])
 
+    # Unpinning the oldest checkpoint when the folder already holds 10 unpinned evicts the oldest *other* one.
+    own.pin_checkpoint(created[1]["id"], "oldest")
+    created.append(own.create_checkpoint(notebook(tmp_path, "value = 11", name="n11.ipynb")))
+    unpinned = own.unpin_checkpoint("oldest")
+    assert unpinned["evicted"] == [created[2]["id"]]
+    assert own.get_checkpoint(created[1]["id"])["pinned"] is False
+    created.pop(2)
+
     for index, checkpoint in enumerate(created[1:]):
         own.pin_checkpoint(checkpoint["id"], f"pinned-{index}")
     with pytest.raises(FailedPrecondition, match="already has 10 pinned checkpoints"):

@@ -246,7 +246,8 @@ def test_no_ready_instance(http: httpx.Client, client: Client, server: ServerPro
     response = http.post(
         f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": node["folder_id"], "input": {}}
     )
-    status(response, 503, 14, "no ready instance", "FAILED")
+    body = status(response, 503, 14, "no ready instance", "FAILED")
+    assert "payload" not in body["message"], "the reason (which can quote the node's log) is for the owner only"
     client.delete_node(node["id"])
     client.delete_checkpoint("corrupt-checkpoint")
 

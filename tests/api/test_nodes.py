@@ -168,3 +168,33 @@ def test_management_routes_need_a_credential(server: ServerProcess) -> None:
         assert response.status_code == 401
         assert response.json()["code"] == 16
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def _raw_post(server: ServerProcess, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """POST with a declared body that never comes: the answer must not wait for it."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    assert url.hostname is not None and url.port is not None
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n{{".encode())
+        reader = sock.makefile("rb")
+        status = int(reader.readline().split()[1])
+        length = 0
+        while (line := reader.readline().strip()) != b"":
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, json.loads(reader.read(length))
+
+
+def test_management_checks_credential_and_size_before_reading(server: ServerProcess) -> None:
+    big = {"Content-Type": "application/json", "Content-Length": str(100 * 1024 * 1024)}
+    code, body = _raw_post(server, "/cellnode/v1/checkpoints", big)
+    assert code == 401 and body["code"] == 16
+    code, body = _raw_post(server, "/cellnode/v1/checkpoints", {**big, "Authorization": f"Api-Key {server.key}"})
+    assert code == 413 and "64 MB limit" in body["message"]
+    assert httpx.get(server.url + "/redoc").status_code == 404
