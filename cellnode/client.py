@@ -134,6 +134,8 @@ class Client:
         folder_id: str | None = None,
         acl: list[str] | None = None,
         timeout: float | None = None,
+        instances: int | None = None,
+        max_queue: int | None = None,
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
@@ -147,8 +149,9 @@ class Client:
             "folder_id": folder_id,
             "acl": acl,
         }
-        if timeout is not None:
-            body["timeout"] = timeout
+        for key, value in (("timeout", timeout), ("instance_count", instances), ("max_queue", max_queue)):
+            if value is not None:
+                body[key] = value
         node = self._request("POST", "/cellnode/v1/nodes", json=body)
         return self.wait_node(node["id"], timeout=wait_timeout) if wait else node
 

@@ -15,6 +15,7 @@ CellnodeError
     ├ AlreadyExists             # 409  ALREADY_EXISTS
     ├ FailedPrecondition        # 409  FAILED_PRECONDITION (the resource is in use)
     ├ PayloadTooLarge           # 413  RESOURCE_EXHAUSTED
+    ├ TooManyRequests           # 429  RESOURCE_EXHAUSTED (the node's queue is full; Retry-After says when to retry)
     ├ CellExecutionError        # 500  the deployed cell raised; carries NodeExecutionErrorDetails
     ├ OutputError               # 500  an output variable is missing or of the wrong type
     ├ InternalError             # 500  INTERNAL
@@ -158,6 +159,18 @@ class PayloadTooLarge(APIError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class TooManyRequests(APIError):
+    """The node's queue is full; `retry_after` seconds is a good time to wait before trying again."""
+
+    status_code = 429
+    grpc_code = 8
+    reason = "QUEUE_FULL"
+
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 class CellExecutionError(APIError):
     """The deployed cell raised an exception; `error_name`, `error_message` and `traceback` say which."""
 
@@ -233,6 +246,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     405: MethodNotAllowed,
     409: FailedPrecondition,
     413: PayloadTooLarge,
+    429: TooManyRequests,
     500: InternalError,
     503: Unavailable,
     504: DeadlineExceeded,

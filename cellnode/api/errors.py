@@ -10,7 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from cellnode.exceptions import APIError, InternalError, InvalidArgument, MethodNotAllowed, NotFound, PayloadTooLarge
+from cellnode.exceptions import (
+    APIError,
+    InternalError,
+    InvalidArgument,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+)
 
 logger = logging.getLogger("cellnode.api")
 
@@ -18,7 +26,10 @@ _HTTP_CLASSES: dict[int, type[APIError]] = {404: NotFound, 413: PayloadTooLarge}
 
 
 def error_response(error: APIError) -> Response:
-    return Response(orjson.dumps(error.to_status()), status_code=error.status_code, media_type="application/json")
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, TooManyRequests) else None
+    return Response(
+        orjson.dumps(error.to_status()), status_code=error.status_code, media_type="application/json", headers=headers
+    )
 
 
 async def _api_error(_request: Request, exc: Exception) -> Response:

@@ -21,12 +21,15 @@ from cellnode.api.deps import Services
 from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from cellnode.router.instance import NotStarted
 from cellnode.router.table import NodeRoute
 from cellnode.runtime.variables import check_input, type_name
 
 BODY_FIELDS = ("folder_id", "folderId", "node_id", "nodeId", "input")
 NODE_PREFIX = "/datasphere/v1/nodes/"
 MANAGEMENT_PREFIX = "/cellnode/v1/"
+# How many instances a request may try when the ones it was given died before it reached them.
+MAX_ATTEMPTS = 3
 # Notebooks can carry outputs (images), so the management API allows more than the 16 MB of an execute call.
 MAX_MANAGEMENT_BYTES = 64 * 1024 * 1024
 EXECUTE_SUFFIX = ":execute"
@@ -100,10 +103,17 @@ async def _run(
     route = svc.table.get(node_id)
     _check_folder(route, folder_id)
     _check_inputs(route, inputs)
-    instance = route.choose()
+    payload = raw if raw is not None else orjson.dumps(inputs)
     deadline = asyncio.get_running_loop().time() + route.timeout
-    output = await instance.execute(raw if raw is not None else orjson.dumps(inputs), deadline=deadline)
-    return Response(b'{"output":' + output + b"}", media_type="application/json")
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            output = await route.choose().execute(payload, deadline=deadline)
+            return Response(b'{"output":' + output + b"}", media_type="application/json")
+        except NotStarted:
+            # The instance died before the request reached it: nothing ran, so another instance may take it.
+            if attempt == MAX_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _check_folder(route: NodeRoute, folder_id: Any) -> None:

@@ -11,11 +11,11 @@ from sqlalchemy.orm import Session
 from cellnode.api.checkpoints import find_checkpoint
 from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
-from cellnode.api.schemas import NodeCreate, NodeList, NodeOut
+from cellnode.api.schemas import InstanceOut, NodeCreate, NodeList, NodeOut
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
-from cellnode.store.models import Checkpoint, Folder, Node
+from cellnode.store.models import Checkpoint, Folder, Instance, Node
 
 router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
 
@@ -45,6 +45,8 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             outputs=[v.model_dump() for v in body.outputs],
             acl=acl,
             timeout=body.timeout,
+            instance_count=body.instance_count,
+            max_queue=body.max_queue,
             cell_code=cell_code,
             uses_ipython=uses_ipython,
             created_by=caller.principal_id,
@@ -62,14 +64,14 @@ def list_nodes(svc: ServicesDep, caller: CallerDep, folder_id: str | None = None
     with svc.db.session() as session:
         folder = resolve_folder(session, svc, caller, folder_id)
         rows = session.scalars(select(Node).where(Node.folder_id == folder.id).order_by(Node.created_at))
-        return NodeList(nodes=[NodeOut.model_validate(row) for row in rows])
+        return NodeList(nodes=[node_out(session, row) for row in rows])
 
 
 @router.get("/{ref}", response_model=NodeOut)
 def get_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
     """One node, by ID or name."""
     with svc.db.session() as session:
-        return NodeOut.model_validate(find_node(session, svc, caller, ref, folder_id))
+        return node_out(session, find_node(session, svc, caller, ref, folder_id))
 
 
 @router.delete("/{ref}", response_model=NodeOut)
@@ -90,6 +92,14 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id)
         return node_openapi(node)
+
+
+def node_out(session: Session, node: Node) -> NodeOut:
+    """A node with its instances as the supervisor last observed them."""
+    out = NodeOut.model_validate(node)
+    rows = session.scalars(select(Instance).where(Instance.node_id == node.id).order_by(Instance.slot))
+    out.instances = [InstanceOut.model_validate(row) for row in rows]
+    return out
 
 
 def find_node(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Node:

@@ -111,6 +111,21 @@ class NodeCreate(BaseModel):
     folder_id: str | None = None
     acl: list[str] | None = Field(None, description="Folder IDs allowed to call the node; default: its own folder.")
     timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
+    instance_count: int = Field(1, ge=1, le=64, description="Instances to run; each serves one request at a time.")
+    max_queue: int = Field(
+        64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
+    )
+
+
+class InstanceOut(_Out):
+    id: str
+    slot: int
+    status: str
+    status_since: datetime
+    restarts: int
+    last_error: str
+    pid: int | None
+    host: str
 
 
 class NodeOut(_Out):
@@ -124,8 +139,11 @@ class NodeOut(_Out):
     outputs: list[VariableDecl]
     acl: list[str]
     timeout: float
+    instance_count: int
+    max_queue: int
     status: str
     status_message: str
+    instances: list[InstanceOut] = Field(default_factory=list, description="Each running instance, as observed.")
     created_at: datetime
     updated_at: datetime
 

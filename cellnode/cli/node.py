@@ -41,9 +41,24 @@ def _show(node: dict[str, Any]) -> None:
             ("outputs", "Outputs"),
             ("acl", "ACL"),
             ("timeout", "Timeout, s"),
+            ("instance_count", "Instances"),
+            ("max_queue", "Queue"),
             ("description", "Description"),
         ],
     )
+    if node.get("instances"):
+        table(
+            node["instances"],
+            [
+                ("id", "INSTANCE"),
+                ("slot", "SLOT"),
+                ("status", "STATUS"),
+                ("status_since", "SINCE"),
+                ("restarts", "RESTARTS"),
+                ("pid", "PID"),
+                ("last_error", "LAST ERROR"),
+            ],
+        )
 
 
 @app.command()
@@ -59,6 +74,12 @@ def create(
         typer.Option("--acl", help="Folder ID allowed to call the node, repeatable. Default: its own."),
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a request may run. Default: 60.")] = None,
+    instances: Annotated[
+        int | None, typer.Option(help="Instances to run, each serving one request at a time. Default: 1.")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests that may wait when all instances are busy; then 429. Default: 64.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -79,6 +100,8 @@ def create(
             folder_id=folder,
             acl=acl,
             timeout=timeout,
+            instances=instances,
+            max_queue=max_queue,
             wait=wait,
         )
     emit(node, as_json, _show)

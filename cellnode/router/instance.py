@@ -22,6 +22,10 @@ DEFAULT_INTERRUPT_GRACE = 5.0
 TIMED_OUT = "Node {node!r} did not answer within its timeout of {timeout:g} s; {what}."
 
 
+class NotStarted(Unavailable):
+    """The instance died or went out of service before this request reached it: another instance may take it."""
+
+
 class Instance:
     """One instance, as the front sees it.
 
@@ -83,15 +87,18 @@ class Instance:
         self._outstanding += 1
         try:
             if not self._is_alive:
-                raise Unavailable(await self._describe_death())
+                raise NotStarted(await self._describe_death())
             if not self._channel.is_connected:
-                await self.connect()
+                try:
+                    await self.connect()
+                except Unavailable as exc:
+                    raise NotStarted(exc.message) from exc
             try:
                 answer = await self._channel.submit(EXECUTE, input_json, deadline=deadline)
             except TimeoutError:
                 raise DeadlineExceeded(self._timed_out("the request was still waiting for the instance")) from None
             except ConnectionError as exc:
-                raise await self._die("its connection broke") from exc
+                raise NotStarted((await self._die("its connection broke")).message) from exc
             if not answer.done():
                 try:
                     await asyncio.wait((answer,), timeout=deadline - asyncio.get_running_loop().time())

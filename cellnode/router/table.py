@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cellnode.exceptions import NotFound, Unavailable
+from cellnode.exceptions import NotFound, TooManyRequests, Unavailable
 
 if TYPE_CHECKING:
     from cellnode.router.instance import Instance
@@ -22,16 +22,30 @@ class NodeRoute:
     inputs: dict[str, str]
     outputs: dict[str, str]
     timeout: float
+    max_queue: int = 64
     status: str = "CREATED"
     status_message: str = ""
     instances: list[Instance] = field(default_factory=list)
 
     def choose(self) -> Instance:
-        """The live instance with the fewest outstanding requests; Unavailable when there is none."""
+        """The live instance with the fewest outstanding requests.
+
+        Unavailable when there is none; TooManyRequests when every instance is busy and `max_queue` requests
+        already wait.
+        """
         best: Instance | None = None
+        outstanding = alive = 0
         for instance in self.instances:
-            if instance.is_alive and (best is None or instance.outstanding < best.outstanding):
-                best = instance
+            if instance.is_alive:
+                alive += 1
+                outstanding += instance.outstanding
+                if best is None or instance.outstanding < best.outstanding:
+                    best = instance
+        if best is not None and outstanding - alive >= self.max_queue:
+            raise TooManyRequests(
+                f"Node {self.node_id!r} is busy: {outstanding} requests on {alive} instance(s), and its queue holds "
+                f"at most {self.max_queue}. Retry after the Retry-After seconds, or give the node more instances."
+            )
         if best is None:
             # Not the status message: it can quote the node's log, which is the owner's to read, not the caller's.
             raise Unavailable(

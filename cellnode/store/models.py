@@ -139,6 +139,8 @@ class Node(Base):
     outputs: Mapped[list[Any]]
     acl: Mapped[list[Any]]  # folder IDs allowed to call the node
     timeout: Mapped[float] = mapped_column(Float)
+    instance_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    max_queue: Mapped[int] = mapped_column(Integer, default=64, server_default="64")
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")
@@ -146,3 +148,22 @@ class Node(Base):
     created_by: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Instance(Base):
+    """Observed state of one running copy of a node; written by the supervisor only.
+
+    A node with N instances has slots 0..N-1; a replacement takes its predecessor's slot and restart count.
+    """
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    slot: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    status_since: Mapped[datetime] = mapped_column(default=utcnow)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255), default="")

@@ -1,16 +1,22 @@
-"""The supervisor: reconciles the nodes in the store with running instances, and is the only writer of statuses."""
+"""The supervisor: reconciles the nodes in the store with running instances, and is the only writer of statuses.
+
+A node wants `instance_count` instances, in slots 0..N-1. An empty slot gets an instance (after a backoff if the
+slot's last one crashed); a slot past the count is drained and removed. Each instance's observed state is a row of
+the `instances` table; each node's status follows from how many of its instances are healthy.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
 from cellnode.checkpoint.blobs import BlobStore
@@ -18,7 +24,7 @@ from cellnode.exceptions import Unavailable
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Checkpoint, Node, new_id, utcnow
+from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, new_id, utcnow
 
 logger = logging.getLogger("cellnode.supervisor")
 
@@ -27,6 +33,7 @@ RECONCILE_INTERVAL = 2.0
 PERMANENT_EXIT_CODES = {2, 3, 4}
 CRASH_WINDOW = 60.0
 MAX_CRASHES = 3
+HOST = socket.gethostname()
 
 
 @dataclass
@@ -37,16 +44,24 @@ class _Running:
 
 
 @dataclass
-class _NodeState:
+class _Slot:
+    index: int
     running: _Running | None = None
     starting: bool = False
-    failed: bool = False
-    crashes: list[float] = field(default_factory=list)
+    restarts: int = 0
+    last_error: str = ""
     not_before: float = 0.0
 
 
+@dataclass
+class _NodeState:
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    failed: bool = False
+    crashes: list[float] = field(default_factory=list)
+
+
 class Supervisor:
-    """Starts an instance for every node, replaces crashed ones with backoff, stops those of deleted nodes."""
+    """Keeps every node at its instance count, replaces crashed instances with backoff, stops deleted nodes."""
 
     def __init__(
         self,
@@ -93,7 +108,7 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self._stop(node_id) for node_id in list(self._nodes)), return_exceptions=True)
+        await asyncio.gather(*(self._stop_node(node_id) for node_id in list(self._nodes)), return_exceptions=True)
         await self._backend.close()
 
     async def _run(self) -> None:
@@ -116,30 +131,53 @@ class Supervisor:
                 continue
             self._put_route(node)
             state = self._nodes.setdefault(node.id, _NodeState())
-            if (
-                state.running is None
-                and not state.starting
-                and not state.failed
-                and time.monotonic() >= state.not_before
-            ):
-                state.starting = True
-                self._spawn(self._start(node), f"start-{node.id}")
+            for index in [i for i in state.slots if i >= node.instance_count]:
+                await self._stop_slot(node.id, state.slots.pop(index))
+            if state.failed:
+                continue
+            now = time.monotonic()
+            for index in range(node.instance_count):
+                slot = state.slots.setdefault(index, _Slot(index))
+                if slot.running is None and not slot.starting and now >= slot.not_before:
+                    slot.starting = True
+                    self._spawn(self._start(node, slot), f"start-{node.id}-{index}")
+            await self._update_node_status(node.id)
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
-            await self._stop(node_id)
+            await self._stop_node(node_id)
             self._table.remove(node_id)
+
+    # -- store access (in worker threads)
 
     def _mark_restarting(self) -> None:
         """Statuses left by a previous server say nothing of instances that no longer exist."""
         with self._db.session() as session:
+            session.execute(delete(InstanceRow))
             session.execute(
                 update(Node)
                 .where(Node.status.in_(("HEALTHY", "UNHEALTHY")))
-                .values(status="UNHEALTHY", status_message="The server started again; starting an instance.")
+                .values(status="UNHEALTHY", status_message="The server started again; starting instances.")
             )
 
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
             return list(session.scalars(select(Node)))
+
+    def _write_instance(self, node_id: str, instance_id: str, slot: _Slot, status: str, pid: int | None) -> None:
+        with self._db.session() as session:
+            row = session.get(InstanceRow, instance_id)
+            if row is None:
+                if session.get(Node, node_id) is None:
+                    return
+                row = InstanceRow(id=instance_id, node_id=node_id, slot=slot.index, host=HOST)
+                session.add(row)
+            row.status, row.status_since, row.pid = status, utcnow(), pid
+            row.restarts, row.last_error = slot.restarts, slot.last_error
+
+    def _drop_instance(self, instance_id: str) -> None:
+        with self._db.session() as session:
+            session.execute(delete(InstanceRow).where(InstanceRow.id == instance_id))
+
+    # -- routes and statuses
 
     def _put_route(self, node: Node) -> None:
         current = self._table.find(node.id)
@@ -151,113 +189,37 @@ class Supervisor:
             inputs={v["name"]: v["type"] for v in node.inputs},
             outputs={v["name"]: v["type"] for v in node.outputs},
             timeout=node.timeout,
+            max_queue=node.max_queue,
             status=current.status if current else node.status,
             status_message=current.status_message if current else node.status_message,
             instances=current.instances if current else [],
         )
         self._table.put(route)
 
-    async def _start(self, node: Node) -> None:
-        state = self._nodes[node.id]
-        handle: InstanceHandle | None = None
-        try:
-            spec = await asyncio.to_thread(self._instance_spec, node)
-            handle = await self._backend.start(spec)
-            instance = Instance(handle, timeout=node.timeout)
-            try:
-                await handle.wait_ready(self._start_timeout)
-                await instance.connect()
-            except BaseException:
-                instance.close()
-                await handle.stop()
-                raise
-        except (InstanceFailed, Unavailable) as exc:
-            code = handle.returncode if handle is not None else None
-            await self._crashed(node.id, str(exc), permanent=code in PERMANENT_EXIT_CODES)
-            return
-        except Exception as exc:
-            logger.exception("Node %s: the instance could not be started.", node.id)
-            await self._crashed(node.id, f"The instance could not be started: {exc}", permanent=False)
-            return
-        finally:
-            state.starting = False
-        if self._closing or node.id not in self._nodes:
-            instance.close()
-            await handle.stop()
-            return
-        running = _Running(handle, instance)
-        running.watcher = self._spawn(self._watch(node.id, running), f"watch-{node.id}")
-        state.running = running
-        route = self._table.find(node.id)
-        if route is not None:
-            route.instances = [instance]
-        logger.info("Node %s: instance %s ready (pid %s).", node.id, handle.instance_id, handle.pid)
-        await self._set_status(node.id, "HEALTHY", "")
+    def _publish(self, node_id: str) -> None:
+        """Point the route at the node's live instances."""
+        state, route = self._nodes.get(node_id), self._table.find(node_id)
+        if state is not None and route is not None:
+            route.instances = [s.running.instance for s in state.slots.values() if s.running is not None]
 
-    def _instance_spec(self, node: Node) -> InstanceSpec:
-        with self._db.session() as session:
-            checkpoint = session.get(Checkpoint, node.checkpoint_id)
-            if checkpoint is None:
-                raise InstanceFailed(f"Checkpoint {node.checkpoint_id!r} of the node no longer exists.")
-            variables = [
-                {"name": v["name"], "path": str(self._blobs.path(v["sha256"])), "sha256": v["sha256"]}
-                for v in checkpoint.variables
-            ]
-            imports = dict(checkpoint.imports)
-        instance_id = new_id()
-        launch = {
-            "node_id": node.id,
-            "instance_id": instance_id,
-            "cell": {"source": node.cell_code, "uses_ipython": node.uses_ipython},
-            "inputs": {v["name"]: v["type"] for v in node.inputs},
-            "outputs": {v["name"]: v["type"] for v in node.outputs},
-            "variables": variables,
-            "imports": imports,
-        }
-        return InstanceSpec(
-            node_id=node.id, instance_id=instance_id, launch=launch, log_path=self._logs_dir / f"{node.id}.log"
-        )
-
-    async def _watch(self, node_id: str, running: _Running) -> None:
-        code = await running.handle.wait()
-        state = self._nodes.get(node_id)
-        if self._closing or state is None or state.running is not running:
+    async def _update_node_status(self, node_id: str) -> None:
+        state, route = self._nodes.get(node_id), self._table.find(node_id)
+        if state is None or route is None or state.failed:
             return
-        state.running = None
-        route = self._table.find(node_id)
-        if route is not None:
-            route.instances = [i for i in route.instances if i is not running.instance]
-        # Not instance.close(): a request still on it learns of the death from its broken connection, with the
-        # exit code and the last log line, rather than "taken out of service".
-        if running.instance.killed_by_front:
-            # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
-            logger.warning("Node %s: instance %s was killed after a timeout; replacing it.", node_id, code)
-            await self._set_status(node_id, "UNHEALTHY", "Replacing an instance killed after a request timed out.")
-            self.notify()
-            return
-        reason = f"Instance {running.handle.instance_id} exited with code {code}"
-        last = running.handle.last_log_line()
-        await self._crashed(node_id, f"{reason}: {last}" if last else reason, permanent=False)
-
-    async def _crashed(self, node_id: str, reason: str, *, permanent: bool) -> None:
-        state = self._nodes.get(node_id)
-        if state is None or self._closing:
-            return
-        now = time.monotonic()
-        state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW] + [now]
-        if permanent or len(state.crashes) >= MAX_CRASHES:
-            state.failed = True
-            logger.error("Node %s failed: %s", node_id, reason)
-            await self._set_status(node_id, "FAILED", reason)
-            return
-        state.not_before = now + 2 ** (len(state.crashes) - 1) * 0.5
-        logger.warning("Node %s: %s; restarting.", node_id, reason)
-        await self._set_status(node_id, "UNHEALTHY", reason)
-        self.notify()
+        healthy = sum(1 for slot in state.slots.values() if slot.running is not None)
+        wanted = len(state.slots)
+        if healthy >= wanted:
+            await self._set_status(node_id, "HEALTHY", "")
+        elif route.status != "CREATED" or state.crashes:
+            errors = [s.last_error for s in state.slots.values() if s.last_error and s.running is None]
+            detail = f" Last error: {errors[-1]}" if errors else ""
+            await self._set_status(node_id, "UNHEALTHY", f"{healthy} of {wanted} instances are healthy.{detail}")
 
     async def _set_status(self, node_id: str, status: str, message: str) -> None:
         route = self._table.find(node_id)
         if route is not None:
+            if (route.status, route.status_message) == (status, message):
+                return
             route.status, route.status_message = status, message
 
         def write() -> None:
@@ -271,22 +233,138 @@ class Supervisor:
 
         await asyncio.to_thread(write)
 
-    async def _stop(self, node_id: str) -> None:
-        state = self._nodes.pop(node_id, None)
-        if state is None or state.running is None:
+    # -- instances
+
+    async def _start(self, node: Node, slot: _Slot) -> None:
+        handle: InstanceHandle | None = None
+        instance_id = new_id()
+        try:
+            spec = await asyncio.to_thread(self._instance_spec, node, instance_id)
+            await asyncio.to_thread(self._write_instance, node.id, instance_id, slot, "PREPARING", None)
+            handle = await self._backend.start(spec)
+            instance = Instance(handle, timeout=node.timeout)
+            try:
+                await handle.wait_ready(self._start_timeout)
+                await instance.connect()
+            except BaseException:
+                instance.close()
+                await handle.stop()
+                raise
+        except (InstanceFailed, Unavailable) as exc:
+            code = handle.returncode if handle is not None else None
+            slot.starting = False
+            await asyncio.to_thread(self._drop_instance, instance_id)
+            await self._crashed(node.id, slot, str(exc), permanent=code in PERMANENT_EXIT_CODES)
             return
-        running = state.running
+        except Exception as exc:
+            logger.exception("Node %s: the instance could not be started.", node.id)
+            slot.starting = False
+            await asyncio.to_thread(self._drop_instance, instance_id)
+            await self._crashed(node.id, slot, f"The instance could not be started: {exc}", permanent=False)
+            return
+        slot.starting = False
+        state = self._nodes.get(node.id)
+        if self._closing or state is None or state.slots.get(slot.index) is not slot:
+            instance.close()
+            await handle.stop()
+            await asyncio.to_thread(self._drop_instance, instance_id)
+            return
+        running = _Running(handle, instance)
+        running.watcher = self._spawn(self._watch(node.id, slot, running), f"watch-{instance_id}")
+        slot.running = running
+        self._publish(node.id)
+        logger.info("Node %s: instance %s ready (slot %d, pid %s).", node.id, instance_id, slot.index, handle.pid)
+        await asyncio.to_thread(self._write_instance, node.id, instance_id, slot, "HEALTHY", handle.pid)
+        await self._update_node_status(node.id)
+
+    def _instance_spec(self, node: Node, instance_id: str) -> InstanceSpec:
+        with self._db.session() as session:
+            checkpoint = session.get(Checkpoint, node.checkpoint_id)
+            if checkpoint is None:
+                raise InstanceFailed(f"Checkpoint {node.checkpoint_id!r} of the node no longer exists.")
+            variables = [
+                {"name": v["name"], "path": str(self._blobs.path(v["sha256"])), "sha256": v["sha256"]}
+                for v in checkpoint.variables
+            ]
+            imports = dict(checkpoint.imports)
+        launch = {
+            "node_id": node.id,
+            "instance_id": instance_id,
+            "cell": {"source": node.cell_code, "uses_ipython": node.uses_ipython},
+            "inputs": {v["name"]: v["type"] for v in node.inputs},
+            "outputs": {v["name"]: v["type"] for v in node.outputs},
+            "variables": variables,
+            "imports": imports,
+        }
+        return InstanceSpec(
+            node_id=node.id, instance_id=instance_id, launch=launch, log_path=self._logs_dir / f"{node.id}.log"
+        )
+
+    async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
+        code = await running.handle.wait()
+        state = self._nodes.get(node_id)
+        if self._closing or state is None or slot.running is not running:
+            return
+        slot.running = None
+        # Not instance.close(): a request still on it learns of the death from its broken connection, with the
+        # exit code, rather than "taken out of service".
+        self._publish(node_id)
+        await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
+        slot.restarts += 1
+        if running.instance.killed_by_front:
+            # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
+            slot.last_error = "Killed after a request timed out and the cell ignored the interrupt."
+            logger.warning("Node %s: instance %s was killed after a timeout; replacing it.", node_id, code)
+            await self._update_node_status(node_id)
+            self.notify()
+            return
+        reason = f"Instance {running.handle.instance_id} exited with code {code}"
+        last = running.handle.last_log_line()
+        await self._crashed(node_id, slot, f"{reason}: {last}" if last else reason, permanent=False)
+
+    async def _crashed(self, node_id: str, slot: _Slot, reason: str, *, permanent: bool) -> None:
+        state = self._nodes.get(node_id)
+        if state is None or self._closing:
+            return
+        slot.last_error = reason
+        now = time.monotonic()
+        state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW] + [now]
+        if permanent or len(state.crashes) >= MAX_CRASHES:
+            state.failed = True
+            logger.error("Node %s failed: %s", node_id, reason)
+            await self._set_status(node_id, "FAILED", reason)
+            return
+        slot.not_before = now + 2 ** (len(state.crashes) - 1) * 0.5
+        logger.warning("Node %s: %s; replacing the instance.", node_id, reason)
+        await self._update_node_status(node_id)
+        self.notify()
+
+    async def _stop_slot(self, node_id: str, slot: _Slot) -> None:
+        running, slot.running = slot.running, None
+        if running is None:
+            return
+        self._publish(node_id)
         if running.watcher is not None:
             running.watcher.cancel()
         running.instance.close()
         await running.handle.stop()
+        await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
+
+    async def _stop_node(self, node_id: str) -> None:
+        state = self._nodes.pop(node_id, None)
+        if state is not None:
+            await asyncio.gather(*(self._stop_slot(node_id, slot) for slot in state.slots.values()))
+        release = getattr(self._backend, "release", None)
+        if release is not None:
+            await release(node_id)
 
     async def _delete(self, node_id: str) -> None:
         self._table.remove(node_id)
-        await self._stop(node_id)
+        await self._stop_node(node_id)
 
         def drop() -> None:
             with self._db.session() as session:
+                session.execute(delete(InstanceRow).where(InstanceRow.node_id == node_id))
                 node = session.get(Node, node_id)
                 if node is not None:
                     session.delete(node)

@@ -40,3 +40,18 @@ def test_ids_are_twenty_lowercase_letters_and_digits() -> None:
     ids = {new_id() for _ in range(200)}
     assert len(ids) == 200
     assert all(len(i) == 20 and i.isalnum() and i == i.lower() for i in ids)
+
+
+def test_migrations_match_the_models(tmp_path: Path) -> None:
+    """A model change without its migration (or the reverse) fails here, not on a user's upgrade."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from cellnode.store.models import Base
+
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db.migrate()
+    with db.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"render_as_batch": True})
+        assert compare_metadata(context, Base.metadata) == []
+    db.close()

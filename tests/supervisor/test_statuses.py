@@ -48,7 +48,7 @@ def test_a_restart_forgets_the_last_runs_health(tmp_path: Path) -> None:
     supervisor._mark_restarting()
     with db.session() as session:
         statuses = {node.name: (node.status, node.status_message) for node in session.scalars(select(Node))}
-    restarted = ("UNHEALTHY", "The server started again; starting an instance.")
+    restarted = ("UNHEALTHY", "The server started again; starting instances.")
     assert statuses == {
         "a": restarted,
         "b": restarted,
