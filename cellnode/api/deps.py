@@ -19,6 +19,7 @@ from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Folder, Node
 from cellnode.supervisor.supervisor import Supervisor
+from cellnode.telemetry.metrics import Metrics
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Services:
     default_folder_id: str
     captures: ThreadPoolExecutor  # capture kernels run here, at most `max_captures` at once
     blob_lock: threading.Lock  # held while blobs move in or are collected
+    metrics: Metrics
 
 
 def services(request: Request) -> Services:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -193,6 +194,7 @@ class ExecuteFront:
             handler = None
         scope["app"] = self.app
         request = Request(scope, receive)
+        started = time.perf_counter()
         try:
             if handler is not None:
                 response = await handler(request)
@@ -210,6 +212,15 @@ class ExecuteFront:
             logger.exception("Unexpected error on %s %s", scope["method"], path)
             response = error_response(InternalError("Internal error; the server log has the details."))
         await response(scope, receive, send)
+        _observe(request, path, response.status_code, started)
+
+
+def _observe(request: Request, path: str, code: int, started: float) -> None:
+    """Count an execute request in the node metrics, if it named a node that exists."""
+    svc: Services = request.app.state.services
+    node_id = request.path_params.get("node_id") if path != "/" else request.headers.get("x-node-id")
+    if node_id and svc.table.find(node_id) is not None:
+        svc.metrics.observe(node_id, path, code, (time.perf_counter() - started) * 1000)
 
 
 async def _guard_management(request: Request) -> None:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cellnode._version import __version__
-from cellnode.api import checkpoints, errors, execute, folders, iam, nodes
+from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, telemetry
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
@@ -26,6 +26,7 @@ from cellnode.iam.credentials import Authenticator
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
 from cellnode.supervisor.supervisor import Supervisor
+from cellnode.telemetry.metrics import Metrics
 
 logger = logging.getLogger("cellnode.server")
 
@@ -64,6 +65,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             default_folder_id=first.folder_id,
             captures=ThreadPoolExecutor(settings.max_captures, thread_name_prefix="cellnode-capture"),
             blob_lock=threading.Lock(),
+            metrics=Metrics(table),
         )
         await supervisor.start()
         try:
@@ -85,7 +87,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
     app.add_route("/", execute.execute_by_header, methods=["POST"])
-    for module in (folders, iam, checkpoints, nodes):
+    for module in (folders, iam, checkpoints, nodes, telemetry):
         app.include_router(module.router)
     return execute.ExecuteFront(app)
 
