@@ -171,6 +171,24 @@ class Client:
                 )
             time.sleep(0.1)
 
+    def suspend_node(self, ref: str, *, folder_id: str | None = None, wait: bool = True) -> dict[str, Any]:
+        """Stop the node's instances, keeping the node; with `wait`, return once it is SUSPENDED."""
+        node = self._request("POST", f"/cellnode/v1/nodes/{quote(ref, safe='')}:suspend", params=_folder(folder_id))
+        return self._wait_status(node["id"], "SUSPENDED") if wait else node
+
+    def resume_node(self, ref: str, *, folder_id: str | None = None, wait: bool = True) -> dict[str, Any]:
+        """Start a suspended node again; with `wait`, return once it is HEALTHY."""
+        node = self._request("POST", f"/cellnode/v1/nodes/{quote(ref, safe='')}:resume", params=_folder(folder_id))
+        return self.wait_node(node["id"]) if wait else node
+
+    def _wait_status(self, node_id: str, status: str, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (node := self.get_node(node_id))["status"] != status:
+            if time.monotonic() > deadline:
+                raise InternalError(f"Node {node_id!r} is still {node['status']} after {timeout:.0f} s, not {status}.")
+            time.sleep(0.1)
+        return node
+
     def list_nodes(self, *, folder_id: str | None = None) -> list[dict[str, Any]]:
         nodes: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/nodes", params=_folder(folder_id))["nodes"]
         return nodes

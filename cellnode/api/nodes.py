@@ -86,6 +86,30 @@ def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
     return out
 
 
+@router.post("/{ref}:suspend", response_model=NodeOut)
+def suspend_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
+    """Stop the node's instances and keep the node with its settings; requests get 503 until it is resumed."""
+    return _set_suspended(svc, caller, ref, folder_id, True)
+
+
+@router.post("/{ref}:resume", response_model=NodeOut)
+def resume_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
+    """Start a suspended node's instances again, from its pinned checkpoint."""
+    return _set_suspended(svc, caller, ref, folder_id, False)
+
+
+def _set_suspended(svc: Services, caller: Caller, ref: str, folder_id: str | None, suspended: bool) -> NodeOut:
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id)
+        if node.status == "DELETING":
+            raise FailedPrecondition(f"Node {node.id!r} is being deleted; it can be neither suspended nor resumed.")
+        node.suspended = suspended
+        session.flush()
+        out = node_out(session, node)
+    svc.supervisor.notify()
+    return out
+
+
 @router.get("/{ref}/openapi.json")
 def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> dict[str, Any]:
     """An OpenAPI document for calling this node, with its typed input and output variables."""

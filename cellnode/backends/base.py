@@ -105,6 +105,14 @@ class Backend(ABC):
         """Start an instance and return its handle at once; wait for it with `handle.wait_ready()`."""
         raise NotImplementedError("The 'start' method must be implemented.")
 
+    async def release(self, node_id: str) -> None:
+        """Free what the backend keeps for a node between its instances (the local backend's zygote).
+
+        Call it once the node is deleted; instances of the node that still run are stopped first. A later `start()`
+        for the node sets things up again.
+        """
+        return None  # Backends that keep nothing per node have nothing to free.
+
     @abstractmethod
     async def close(self) -> None:
         """Stop every instance this backend started and release what it holds."""

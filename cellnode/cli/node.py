@@ -149,6 +149,36 @@ def delete(
 
 
 @app.command()
+def suspend(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    folder: FolderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop a node's instances and keep the node; requests get 503 until it is resumed.
+
+    Example: cellnode node suspend randomizer-node
+    """
+    with client() as api:
+        found = api.suspend_node(node, folder_id=folder)
+    emit(found, as_json, lambda n: typer.echo(f"Suspended node {n['name']} ({n['id']})."))
+
+
+@app.command()
+def resume(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    folder: FolderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a suspended node again, from its pinned checkpoint; waits until it is HEALTHY.
+
+    Example: cellnode node resume randomizer-node
+    """
+    with client() as api:
+        found = api.resume_node(node, folder_id=folder)
+    emit(found, as_json, lambda n: typer.echo(f"Resumed node {n['name']} ({n['id']}): {n['status']}."))
+
+
+@app.command()
 def execute(
     node: Annotated[str, typer.Argument(help="Node name or ID.")],
     input: Annotated[str, typer.Option("--input", help="The input variables as a JSON object.")] = "{}",

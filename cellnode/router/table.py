@@ -46,6 +46,11 @@ class NodeRoute:
                 f"Node {self.node_id!r} is busy: {outstanding} requests on {alive} instance(s), and its queue holds "
                 f"at most {self.max_queue}. Retry after the Retry-After seconds, or give the node more instances."
             )
+        if best is None and self.status in ("SUSPENDING", "SUSPENDED"):
+            raise Unavailable(
+                f"Node {self.node_id!r} is suspended, so no instance runs. Its owner can start it again with "
+                f"'cellnode node resume {self.node_id}'."
+            )
         if best is None:
             # Not the status message: it can quote the node's log, which is the owner's to read, not the caller's.
             raise Unavailable(

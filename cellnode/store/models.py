@@ -141,6 +141,7 @@ class Node(Base):
     timeout: Mapped[float] = mapped_column(Float)
     instance_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     max_queue: Mapped[int] = mapped_column(Integer, default=64, server_default="64")
+    suspended: Mapped[bool] = mapped_column(default=False, server_default="0")  # desired: no instances
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")

@@ -131,6 +131,12 @@ class Supervisor:
                 continue
             self._put_route(node)
             state = self._nodes.setdefault(node.id, _NodeState())
+            if node.suspended:
+                await self._suspend(node.id, state)
+                continue
+            route = self._table.find(node.id)
+            if route is not None and route.status in ("SUSPENDING", "SUSPENDED"):
+                await self._set_status(node.id, "RESUMING", "Starting instances from the pinned checkpoint.")
             for index in [i for i in state.slots if i >= node.instance_count]:
                 await self._stop_slot(node.id, state.slots.pop(index))
             if state.failed:
@@ -145,6 +151,17 @@ class Supervisor:
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
             await self._stop_node(node_id)
             self._table.remove(node_id)
+
+    async def _suspend(self, node_id: str, state: _NodeState) -> None:
+        """Stop every instance and keep the node; a resume starts it again from its pinned checkpoint."""
+        if state.slots:
+            await self._set_status(node_id, "SUSPENDING", "Stopping instances.")
+            slots, state.slots = list(state.slots.values()), {}
+            await asyncio.gather(*(self._stop_slot(node_id, slot) for slot in slots))
+            await self._backend.release(node_id)
+        # A suspend and resume is the owner's way to try again after a failure.
+        state.failed, state.crashes = False, []
+        await self._set_status(node_id, "SUSPENDED", "Suspended: no instances run. 'cellnode node resume' starts it.")
 
     # -- store access (in worker threads)
 
@@ -210,7 +227,7 @@ class Supervisor:
         wanted = len(state.slots)
         if healthy >= wanted:
             await self._set_status(node_id, "HEALTHY", "")
-        elif route.status != "CREATED" or state.crashes:
+        elif route.status not in ("CREATED", "RESUMING") or state.crashes:
             errors = [s.last_error for s in state.slots.values() if s.last_error and s.running is None]
             detail = f" Last error: {errors[-1]}" if errors else ""
             await self._set_status(node_id, "UNHEALTHY", f"{healthy} of {wanted} instances are healthy.{detail}")
@@ -354,9 +371,7 @@ class Supervisor:
         state = self._nodes.pop(node_id, None)
         if state is not None:
             await asyncio.gather(*(self._stop_slot(node_id, slot) for slot in state.slots.values()))
-        release = getattr(self._backend, "release", None)
-        if release is not None:
-            await release(node_id)
+        await self._backend.release(node_id)
 
     async def _delete(self, node_id: str) -> None:
         self._table.remove(node_id)
