@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -80,6 +81,20 @@ class Client:
         """A new IAM token (`{"iam_token": ..., "expires_at": ...}`), valid 12 hours."""
         return self._request("POST", "/cellnode/v1/iam/tokens")
 
+    def list_specs(self) -> dict[str, Any]:
+        """The instance specs the server offers (`specs`), its CPUs and GPUs, and its overcommit `policy`."""
+        return self._request("GET", "/cellnode/v1/specs")
+
+    def usage(
+        self, *, folder_id: str | None = None, node_id: str | None = None, since: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Instance uptime and units per node (and spec) of a folder, since a time."""
+        params = {key: value for key, value in (("folder_id", folder_id), ("node_id", node_id)) if value}
+        if since is not None:
+            params["since"] = since.isoformat()
+        result: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/usage", params=params)["usage"]
+        return result
+
     # -- checkpoints
     def create_checkpoint(
         self,
@@ -136,6 +151,7 @@ class Client:
         timeout: float | None = None,
         instances: int | None = None,
         max_queue: int | None = None,
+        spec: str | None = None,
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
@@ -149,7 +165,8 @@ class Client:
             "folder_id": folder_id,
             "acl": acl,
         }
-        for key, value in (("timeout", timeout), ("instance_count", instances), ("max_queue", max_queue)):
+        optional = (("timeout", timeout), ("instance_count", instances), ("max_queue", max_queue), ("spec", spec))
+        for key, value in optional:
             if value is not None:
                 body[key] = value
         node = self._request("POST", "/cellnode/v1/nodes", json=body)

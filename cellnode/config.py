@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_captures: int = Field(2, ge=1, description="Captures (kernels) that may run at once; others wait. Default 2.")
     instance_start_timeout: float = Field(120.0, gt=0, description="Seconds an instance may take to load.")
     profile: Path | None = Field(None, description="Profile file written for the local CLI; 'none' to skip.")
+    specs_file: Path | None = Field(None, description="JSON spec table replacing the reference's. Default: none.")
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
     @field_validator("backend")

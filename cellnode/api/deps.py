@@ -18,6 +18,7 @@ from cellnode.iam.credentials import Authenticator, Caller
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Folder, Node
+from cellnode.supervisor.specs import Spec
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
 
@@ -36,6 +37,8 @@ class Services:
     captures: ThreadPoolExecutor  # capture kernels run here, at most `max_captures` at once
     blob_lock: threading.Lock  # held while blobs move in or are collected
     metrics: Metrics
+    specs: dict[str, Spec]  # the instance spec table in force
+    gpus: int  # GPUs on this machine, counted at start
 
 
 def services(request: Request) -> Services:

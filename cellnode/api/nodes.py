@@ -16,6 +16,7 @@ from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Instance, Node
+from cellnode.supervisor.specs import check_spec
 
 router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
 
@@ -34,6 +35,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
                 f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
                 f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
             )
+        check_spec(svc.specs, body.spec, svc.gpus)
         cell_code, uses_ipython = check_variables(body, checkpoint)
         acl = _check_acl(session, body.acl, folder)
         node = Node(
@@ -46,6 +48,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             acl=acl,
             timeout=body.timeout,
             instance_count=body.instance_count,
+            spec=body.spec,
             max_queue=body.max_queue,
             cell_code=cell_code,
             uses_ipython=uses_ipython,

@@ -112,6 +112,7 @@ class NodeCreate(BaseModel):
     acl: list[str] | None = Field(None, description="Folder IDs allowed to call the node; default: its own folder.")
     timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
     instance_count: int = Field(1, ge=1, le=64, description="Instances to run; each serves one request at a time.")
+    spec: str = Field("c1.4", description="Instance spec from the server's table ('cellnode spec list').")
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
     )
@@ -141,6 +142,7 @@ class NodeOut(_Out):
     timeout: float
     instance_count: int
     max_queue: int
+    spec: str
     status: str
     status_message: str
     instances: list[InstanceOut] = Field(default_factory=list, description="Each running instance, as observed.")
@@ -150,3 +152,32 @@ class NodeOut(_Out):
 
 class NodeList(BaseModel):
     nodes: list[NodeOut]
+
+
+class SpecOut(BaseModel):
+    name: str
+    vcpu: int
+    ram_gb: float
+    gpus: int
+    units_per_second: float
+
+
+class SpecTable(BaseModel):
+    specs: list[SpecOut]
+    cpus: int = Field(description="CPUs of this machine.")
+    gpus: int = Field(description="GPUs of this machine.")
+    policy: str = Field(description="How specs become limits on this server.")
+
+
+class UsageOut(BaseModel):
+    node_id: str
+    folder_id: str
+    spec: str
+    instances: int = Field(description="Instance uptimes counted.")
+    seconds: int = Field(description="Uptime, each instance's rounded up to whole seconds.")
+    units: float = Field(description="Seconds x the spec's units per second.")
+
+
+class UsageList(BaseModel):
+    since: datetime | None
+    usage: list[UsageOut]

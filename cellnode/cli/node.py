@@ -41,6 +41,7 @@ def _show(node: dict[str, Any]) -> None:
             ("outputs", "Outputs"),
             ("acl", "ACL"),
             ("timeout", "Timeout, s"),
+            ("spec", "Spec"),
             ("instance_count", "Instances"),
             ("max_queue", "Queue"),
             ("description", "Description"),
@@ -80,6 +81,9 @@ def create(
     max_queue: Annotated[
         int | None, typer.Option(help="Requests that may wait when all instances are busy; then 429. Default: 64.")
     ] = None,
+    spec: Annotated[
+        str | None, typer.Option(help="Instance spec ('cellnode spec list'): vCPUs, RAM, GPUs. Default: c1.4.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -102,6 +106,7 @@ def create(
             timeout=timeout,
             instances=instances,
             max_queue=max_queue,
+            spec=spec,
             wait=wait,
         )
     emit(node, as_json, _show)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cellnode._version import __version__
-from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, telemetry
+from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, telemetry, usage
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
@@ -25,6 +26,7 @@ from cellnode.iam.bootstrap import bootstrap, write_private
 from cellnode.iam.credentials import Authenticator
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
+from cellnode.supervisor.specs import count_gpus, load_specs
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
 
@@ -47,6 +49,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             )
         blobs = BlobStore(settings.data_dir / "blobs")
         table = RoutingTable()
+        specs = load_specs(settings.specs_file)
         supervisor = Supervisor(
             db,
             load_backend(settings.backend),
@@ -54,6 +57,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             table,
             logs_dir=settings.data_dir / "logs",
             start_timeout=settings.instance_start_timeout,
+            specs=specs,
         )
         app.state.services = Services(
             settings=settings,
@@ -66,6 +70,8 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             captures=ThreadPoolExecutor(settings.max_captures, thread_name_prefix="cellnode-capture"),
             blob_lock=threading.Lock(),
             metrics=Metrics(table),
+            specs=specs,
+            gpus=await asyncio.to_thread(count_gpus),
         )
         await supervisor.start()
         try:
@@ -87,7 +93,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
     app.add_route("/", execute.execute_by_header, methods=["POST"])
-    for module in (folders, iam, checkpoints, nodes, telemetry):
+    for module in (folders, iam, checkpoints, nodes, telemetry, usage):
         app.include_router(module.router)
     return execute.ExecuteFront(app)
 

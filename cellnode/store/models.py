@@ -142,6 +142,7 @@ class Node(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     max_queue: Mapped[int] = mapped_column(Integer, default=64, server_default="64")
     suspended: Mapped[bool] = mapped_column(default=False, server_default="0")  # desired: no instances
+    spec: Mapped[str] = mapped_column(String(32), default="c1.4", server_default="c1.4")
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")
@@ -168,3 +169,23 @@ class Instance(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     pid: Mapped[int | None] = mapped_column(Integer)
     host: Mapped[str] = mapped_column(String(255), default="")
+
+
+class Usage(Base):
+    """One instance's uptime, for accounting: units = ceil(seconds) x the spec's units per second.
+
+    `last_seen_at` moves forward while the server runs, so that an interval left open by a server that died ends
+    where that server was last seen alive.
+    """
+
+    __tablename__ = "usage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_id: Mapped[str] = mapped_column(String(20), index=True)
+    node_id: Mapped[str] = mapped_column(String(20), index=True)  # kept after the node is deleted
+    folder_id: Mapped[str] = mapped_column(String(20), index=True)
+    spec: Mapped[str] = mapped_column(String(32))
+    units_per_second: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]

@@ -24,7 +24,8 @@ from cellnode.exceptions import Unavailable
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, new_id, utcnow
+from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
+from cellnode.supervisor.specs import REFERENCE_SPECS, Spec, count_cpus
 
 logger = logging.getLogger("cellnode.supervisor")
 
@@ -72,7 +73,10 @@ class Supervisor:
         *,
         logs_dir: Path,
         start_timeout: float,
+        specs: dict[str, Spec] | None = None,
     ) -> None:
+        self._specs = specs if specs is not None else dict(REFERENCE_SPECS)
+        self._cpus = count_cpus()
         self._db = db
         self._backend = backend
         self._blobs = blobs
@@ -124,6 +128,7 @@ class Supervisor:
     async def reconcile(self) -> None:
         """One pass: bring routes and instances in line with the store."""
         nodes = await asyncio.to_thread(self._load_nodes)
+        await asyncio.to_thread(self._touch_usage)
         wanted = {node.id for node in nodes if node.status != "DELETING"}
         for node in nodes:
             if node.status == "DELETING":
@@ -169,6 +174,8 @@ class Supervisor:
         """Statuses left by a previous server say nothing of instances that no longer exist."""
         with self._db.session() as session:
             session.execute(delete(InstanceRow))
+            # Its instances' uptime ended, at the latest, when that server was last seen alive.
+            session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(ended_at=Usage.last_seen_at))
             session.execute(
                 update(Node)
                 .where(Node.status.in_(("HEALTHY", "UNHEALTHY")))
@@ -178,6 +185,23 @@ class Supervisor:
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
             return list(session.scalars(select(Node)))
+
+    def _touch_usage(self) -> None:
+        with self._db.session() as session:
+            session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(last_seen_at=utcnow()))
+
+    def _open_usage(self, node: Node, instance_id: str) -> None:
+        spec = self._specs[node.spec]
+        with self._db.session() as session:
+            session.add(
+                Usage(
+                    instance_id=instance_id,
+                    node_id=node.id,
+                    folder_id=node.folder_id,
+                    spec=spec.name,
+                    units_per_second=spec.units_per_second,
+                )
+            )
 
     def _write_instance(self, node_id: str, instance_id: str, slot: _Slot, status: str, pid: int | None) -> None:
         with self._db.session() as session:
@@ -191,8 +215,14 @@ class Supervisor:
             row.restarts, row.last_error = slot.restarts, slot.last_error
 
     def _drop_instance(self, instance_id: str) -> None:
+        """The instance is gone: forget its row and end its uptime."""
         with self._db.session() as session:
             session.execute(delete(InstanceRow).where(InstanceRow.id == instance_id))
+            session.execute(
+                update(Usage)
+                .where(Usage.instance_id == instance_id, Usage.ended_at.is_(None))
+                .values(ended_at=utcnow())
+            )
 
     # -- routes and statuses
 
@@ -258,6 +288,7 @@ class Supervisor:
         try:
             spec = await asyncio.to_thread(self._instance_spec, node, instance_id)
             await asyncio.to_thread(self._write_instance, node.id, instance_id, slot, "PREPARING", None)
+            await asyncio.to_thread(self._open_usage, node, instance_id)
             handle = await self._backend.start(spec)
             instance = Instance(handle, timeout=node.timeout)
             try:
@@ -295,6 +326,12 @@ class Supervisor:
         await self._update_node_status(node.id)
 
     def _instance_spec(self, node: Node, instance_id: str) -> InstanceSpec:
+        spec = self._specs.get(node.spec)
+        if spec is None:
+            raise InstanceFailed(
+                f"Spec {node.spec!r} of the node is not in this server's spec table; add it back to the table, "
+                "or update the node to another spec."
+            )
         with self._db.session() as session:
             checkpoint = session.get(Checkpoint, node.checkpoint_id)
             if checkpoint is None:
@@ -314,7 +351,11 @@ class Supervisor:
             "imports": imports,
         }
         return InstanceSpec(
-            node_id=node.id, instance_id=instance_id, launch=launch, log_path=self._logs_dir / f"{node.id}.log"
+            node_id=node.id,
+            instance_id=instance_id,
+            launch=launch,
+            log_path=self._logs_dir / f"{node.id}.log",
+            env=spec.environment(self._cpus),
         )
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
