@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -28,19 +29,25 @@ def alive(pid: int) -> bool:
 
 
 def instance_pids(server: ServerProcess) -> set[int]:
-    """The `python -m cellnode.runtime` children of the server process."""
+    """The `python -m cellnode.runtime` processes below the server: instances (and a zygote, if one forks them)."""
     assert server.proc is not None
-    pids = set()
+    parents: dict[int, int] = {}
+    runtime: set[int] = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if b"cellnode.runtime" in cmdline and parent == server.proc.pid:
-                pids.add(int(proc.name))
-    return pids
+            if b"cellnode.runtime" in cmdline:
+                runtime.add(int(proc.name))
+    below = {server.proc.pid}
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in below} - below
+        if not more:
+            return below & runtime
+        below |= more
 
 
 def test_first_start_restart_and_shutdown(
@@ -64,7 +71,7 @@ def test_first_start_restart_and_shutdown(
         api.create_node("keep-node", checkpoint="keep", inputs={"n": "int"}, outputs={"m": "int"})
         assert api.execute("keep-node", {"n": 4}) == {"m": 40}
     before = instance_pids(server)
-    assert len(before) == 1
+    assert before
     assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     # Graceful, even after a capture ran a kernel (nbclient once replaced our signal handlers): the server stops
     # its instances itself rather than leaving them to notice that it is gone.
@@ -95,3 +102,17 @@ def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "CELLNODE_PORT" in result.stderr and "eighty" in result.stderr
+
+
+def test_instances_exit_when_the_server_is_killed(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", env={"CELLNODE_PROFILE": str(tmp_path / "p.json")}).start()
+    with server.client() as api:
+        api.create_checkpoint(notebook(tmp_path, "a = 1", "b = a + 1"), name="k")
+        api.create_node("k-node", checkpoint="k", inputs={"a": "int"}, outputs={"b": "int"}, instances=2)
+    pids = instance_pids(server)
+    assert len(pids) >= 2
+    server.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids), "instances of a killed server exit by themselves"

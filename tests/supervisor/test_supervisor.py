@@ -17,20 +17,6 @@ from tests.helpers import ServerProcess, notebook
 pytestmark = pytest.mark.slow
 
 
-def children(server: ServerProcess) -> set[int]:
-    assert server.proc is not None
-    found = set()
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        if b"cellnode.runtime" in cmdline and parent == server.proc.pid:
-            found.add(int(entry))
-    return found
-
-
 def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -40,13 +26,12 @@ def wait_for(predicate: Any, timeout: float = 30.0) -> None:
 
 def test_killed_instance_is_replaced(server: ServerProcess, client: Client, tmp_path: Path) -> None:
     client.create_checkpoint(notebook(tmp_path, "k = 3", "z = k * k"), name="respawn-checkpoint")
-    others = children(server)
-    client.create_node("respawn-node", checkpoint="respawn-checkpoint", inputs={"k": "int"}, outputs={"z": "int"})
-    (victim,) = children(server) - others
+    node = client.create_node(
+        "respawn-node", checkpoint="respawn-checkpoint", inputs={"k": "int"}, outputs={"z": "int"}
+    )
+    (instance,) = node["instances"]
     assert client.execute("respawn-node", {"k": 4}) == {"z": 16}
-    pids_before = children(server)
-    os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: victim not in children(server))
+    os.kill(instance["pid"], signal.SIGKILL)
 
     def healthy_again() -> bool:
         try:
@@ -55,7 +40,9 @@ def test_killed_instance_is_replaced(server: ServerProcess, client: Client, tmp_
             return False
 
     wait_for(healthy_again)
-    assert children(server) - pids_before, "a new instance process took over"
+    (replacement,) = client.get_node("respawn-node")["instances"]
+    assert replacement["pid"] != instance["pid"] and replacement["restarts"] == 1
+    assert replacement["slot"] == instance["slot"] and "-9" in replacement["last_error"]
     client.delete_node("respawn-node")
     client.delete_checkpoint("respawn-checkpoint")
 
