@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     profile: Path | None = Field(None, description="Profile file written for the local CLI; 'none' to skip.")
     specs_file: Path | None = Field(None, description="JSON spec table replacing the reference's. Default: none.")
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    idle_timeout: int = Field(
+        300, ge=1, le=86_400, description="Seconds an idle client connection stays open. Defaults to 300."
+    )
 
     @field_validator("backend")
     @classmethod

@@ -62,6 +62,12 @@ def serve(
         Path | None,
         typer.Option(envvar="CELLNODE_DATA_DIR", help="Database, blobs and logs. Default: ~/.local/share/cellnode."),
     ] = None,
+    idle_timeout: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CELLNODE_IDLE_TIMEOUT", help="Seconds an idle client connection stays open. Default: 300."
+        ),
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(envvar="CELLNODE_LOG_LEVEL", help="debug, info, warning or error. Default: info.")
     ] = None,
@@ -73,7 +79,7 @@ def serve(
     from cellnode.config import load_settings
     from cellnode.server.serve import serve as run
 
-    run(load_settings(host=host, port=port, data_dir=data_dir, log_level=log_level))
+    run(load_settings(host=host, port=port, data_dir=data_dir, log_level=log_level, idle_timeout=idle_timeout))
 
 
 def main() -> None:

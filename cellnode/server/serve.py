@@ -43,6 +43,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.idle_timeout,
         h11_max_incomplete_event_size=None,
     )
     server = uvicorn.Server(config)

@@ -116,3 +116,23 @@ def test_instances_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in pids), "instances of a killed server exit by themselves"
+
+
+def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    server = ServerProcess(
+        tmp_path / "data", env={"CELLNODE_PROFILE": str(tmp_path / "p.json"), "CELLNODE_IDLE_TIMEOUT": "1"}
+    ).start()
+    try:
+        url = urlsplit(server.url)
+        assert url.hostname is not None and url.port is not None
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in sock.recv(4096)
+            started = time.monotonic()
+            assert sock.recv(4096) == b"", "the server closes the idle connection"
+            assert 0.5 < time.monotonic() - started < 5
+    finally:
+        server.stop()
