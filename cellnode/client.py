@@ -188,6 +188,36 @@ class Client:
                 )
             time.sleep(0.1)
 
+    def update_node(
+        self, ref: str, *, folder_id: str | None = None, wait: bool = True, wait_timeout: float = 300.0, **changes: Any
+    ) -> dict[str, Any]:
+        """Change a node: `name`, `description`, `checkpoint`, `inputs`, `outputs`, `acl`, `timeout`, `instances`,
+        `max_queue`, `spec`, `maintenance_limit`. With `wait`, return once every instance runs the new version."""
+        if "instances" in changes:
+            changes["instance_count"] = changes.pop("instances")
+        for key in ("inputs", "outputs"):
+            if changes.get(key) is not None:
+                changes[key] = _variables(changes[key])
+        node = self._request(
+            "PATCH", f"/cellnode/v1/nodes/{quote(ref, safe='')}", json=changes, params=_folder(folder_id)
+        )
+        if not wait:
+            return node
+        deadline = time.monotonic() + wait_timeout
+        while True:
+            found = self.get_node(node["id"])
+            current = [i for i in found["instances"] if i["generation"] == found["generation"]]
+            if found["status"] == "HEALTHY" and len(found["instances"]) == len(current) == found["instance_count"]:
+                return found
+            if time.monotonic() > deadline or (
+                found["status"] in ("UNHEALTHY", "FAILED") and "Update" in found["status_message"]
+            ):
+                raise InternalError(
+                    f"Node {found['name']!r} ({found['id']}) did not finish its update: {found['status']}. "
+                    f"{found['status_message']}"
+                )
+            time.sleep(0.1)
+
     def suspend_node(self, ref: str, *, folder_id: str | None = None, wait: bool = True) -> dict[str, Any]:
         """Stop the node's instances, keeping the node; with `wait`, return once it is SUSPENDED."""
         node = self._request("POST", f"/cellnode/v1/nodes/{quote(ref, safe='')}:suspend", params=_folder(folder_id))

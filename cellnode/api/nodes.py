@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from cellnode.api.checkpoints import find_checkpoint
 from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
-from cellnode.api.schemas import InstanceOut, NodeCreate, NodeList, NodeOut
+from cellnode.api.schemas import InstanceOut, NodeCreate, NodeList, NodeOut, NodeUpdate, VariableDecl
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
@@ -36,7 +36,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
                 f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
             )
         check_spec(svc.specs, body.spec, svc.gpus)
-        cell_code, uses_ipython = check_variables(body, checkpoint)
+        cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
         acl = _check_acl(session, body.acl, folder)
         node = Node(
             folder_id=folder.id,
@@ -89,6 +89,60 @@ def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
     return out
 
 
+@router.patch("/{ref}", response_model=NodeOut)
+def update_node(
+    ref: str, body: NodeUpdate, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None
+) -> NodeOut:
+    """Change a node. A new checkpoint, variables or spec start new instances and drain the old ones, at most
+    `maintenance_limit` at once, so that the node keeps answering; other fields apply at once."""
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id)
+        if node.status == "DELETING":
+            raise FailedPrecondition(f"Node {node.id!r} is being deleted; it cannot be updated.")
+        if body.name is not None and body.name != node.name:
+            taken = session.scalar(select(Node.id).where(Node.folder_id == node.folder_id, Node.name == body.name))
+            if taken is not None:
+                raise AlreadyExists(f"Folder {node.folder_id!r} already has a node named {body.name!r} ({taken}).")
+            node.name = body.name
+        rolls = False
+        if body.checkpoint is not None or body.inputs is not None or body.outputs is not None:
+            checkpoint = (
+                find_checkpoint(session, svc, caller, body.checkpoint, node.folder_id)
+                if body.checkpoint is not None
+                else session.get(Checkpoint, node.checkpoint_id)
+            )
+            assert checkpoint is not None, "a node's checkpoint cannot be deleted (the API refuses it)"
+            if checkpoint.pinned_at is None:
+                raise FailedPrecondition(
+                    f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
+                    f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
+                )
+            inputs = body.inputs if body.inputs is not None else [VariableDecl(**v) for v in node.inputs]
+            outputs = body.outputs if body.outputs is not None else [VariableDecl(**v) for v in node.outputs]
+            node.cell_code, node.uses_ipython = check_variables(inputs, outputs, checkpoint)
+            node.checkpoint_id = checkpoint.id
+            node.inputs = [v.model_dump() for v in inputs]
+            node.outputs = [v.model_dump() for v in outputs]
+            rolls = True
+        if body.spec is not None and body.spec != node.spec:
+            check_spec(svc.specs, body.spec, svc.gpus)
+            node.spec, rolls = body.spec, True
+        if body.acl is not None:
+            folder = session.get(Folder, node.folder_id)
+            assert folder is not None
+            node.acl = _check_acl(session, body.acl, folder)
+        for key in ("description", "timeout", "instance_count", "max_queue", "maintenance_limit"):
+            value = getattr(body, key)
+            if value is not None:
+                setattr(node, key, value)
+        if rolls:
+            node.generation += 1
+        session.flush()
+        out = node_out(session, node)
+    svc.supervisor.notify()
+    return out
+
+
 @router.post("/{ref}:suspend", response_model=NodeOut)
 def suspend_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
     """Stop the node's instances and keep the node with its settings; requests get 503 until it is resumed."""
@@ -134,10 +188,12 @@ def find_node(session: Session, svc: Services, caller: Caller, ref: str, folder_
     return find_resource(session, svc, caller, Node, ref, folder_id)
 
 
-def check_variables(body: NodeCreate, checkpoint: Checkpoint) -> tuple[str, bool]:
+def check_variables(
+    input_decls: list[VariableDecl], output_decls: list[VariableDecl], checkpoint: Checkpoint
+) -> tuple[str, bool]:
     """Refuse declarations the deployed cell cannot satisfy; return the transformed cell and whether it uses IPython."""
-    inputs = [v.name for v in body.inputs]
-    outputs = [v.name for v in body.outputs]
+    inputs = [v.name for v in input_decls]
+    outputs = [v.name for v in output_decls]
     for kind, names in (("input", inputs), ("output", outputs)):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -118,9 +118,26 @@ class NodeCreate(BaseModel):
     )
 
 
+class NodeUpdate(BaseModel):
+    """Only the fields given change. A new checkpoint, variables or spec roll the instances; the rest apply at once."""
+
+    name: ResourceName | None = None
+    description: str | None = Field(None, max_length=1024)
+    checkpoint: str | None = None
+    inputs: list[VariableDecl] | None = None
+    outputs: list[VariableDecl] | None = Field(None, min_length=1)
+    acl: list[str] | None = None
+    timeout: float | None = Field(None, gt=0, le=3600)
+    instance_count: int | None = Field(None, ge=1, le=64)
+    max_queue: int | None = Field(None, ge=0, le=100_000)
+    spec: str | None = None
+    maintenance_limit: int | None = Field(None, ge=1, le=64, description="Instances replaced at once in a roll.")
+
+
 class InstanceOut(_Out):
     id: str
     slot: int
+    generation: int
     status: str
     status_since: datetime
     restarts: int
@@ -143,6 +160,8 @@ class NodeOut(_Out):
     instance_count: int
     max_queue: int
     spec: str
+    generation: int
+    maintenance_limit: int
     status: str
     status_message: str
     instances: list[InstanceOut] = Field(default_factory=list, description="Each running instance, as observed.")

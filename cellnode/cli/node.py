@@ -154,6 +154,52 @@ def delete(
 
 
 @app.command()
+def update(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    description: Annotated[str | None, typer.Option(help="New description.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="New pinned checkpoint (rolls the instances).")] = None,
+    input: Annotated[
+        list[str] | None, typer.Option("--input", help="Input variables, all of them (rolls): " + VARIABLE_HELP)
+    ] = None,
+    output: Annotated[
+        list[str] | None, typer.Option("--output", help="Output variables, all of them (rolls): " + VARIABLE_HELP)
+    ] = None,
+    acl: Annotated[list[str] | None, typer.Option("--acl", help="Folder IDs allowed to call the node, all.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds a request may run.")] = None,
+    instances: Annotated[int | None, typer.Option(help="Instances to run.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests that may wait when all instances are busy.")] = None,
+    spec: Annotated[str | None, typer.Option(help="Instance spec (rolls the instances).")] = None,
+    maintenance_limit: Annotated[int | None, typer.Option(help="Instances replaced at once in a roll.")] = None,
+    folder: FolderOption = None,
+    wait: Annotated[bool, typer.Option(help="Wait until every instance runs the new version.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a node. A new checkpoint, variables or spec roll its instances with no downtime.
+
+    Example: cellnode node update randomizer-node --checkpoint randomizer-v2 --maintenance-limit 1
+    """
+    changes: dict[str, Any] = {
+        "name": name,
+        "description": description,
+        "checkpoint": checkpoint,
+        "inputs": [parse_variable("--input", t) for t in input] if input else None,
+        "outputs": [parse_variable("--output", t) for t in output] if output else None,
+        "acl": acl,
+        "timeout": timeout,
+        "instances": instances,
+        "max_queue": max_queue,
+        "spec": spec,
+        "maintenance_limit": maintenance_limit,
+    }
+    with client() as api:
+        found = api.update_node(
+            node, folder_id=folder, wait=wait, **{key: value for key, value in changes.items() if value is not None}
+        )
+    emit(found, as_json, _show)
+
+
+@app.command()
 def suspend(
     node: Annotated[str, typer.Argument(help="Node name or ID.")],
     folder: FolderOption = None,

@@ -143,6 +143,9 @@ class Node(Base):
     max_queue: Mapped[int] = mapped_column(Integer, default=64, server_default="64")
     suspended: Mapped[bool] = mapped_column(default=False, server_default="0")  # desired: no instances
     spec: Mapped[str] = mapped_column(String(32), default="c1.4", server_default="c1.4")
+    # Bumped by a change that needs new instances (checkpoint, variables, spec); instances of an older one roll.
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    maintenance_limit: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")
@@ -163,6 +166,7 @@ class Instance(Base):
     id: Mapped[str] = mapped_column(String(20), primary_key=True)
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
     slot: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     status: Mapped[str] = mapped_column(String(16))
     status_since: Mapped[datetime] = mapped_column(default=utcnow)
     restarts: Mapped[int] = mapped_column(Integer, default=0)

@@ -37,6 +37,14 @@ MAX_CRASHES = 3
 HOST = socket.gethostname()
 
 
+class LaunchFailed(Exception):
+    """An instance could not be started; `permanent` when no retry can help (a corrupt checkpoint, say)."""
+
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.permanent = reason, permanent
+
+
 @dataclass
 class _Running:
     handle: InstanceHandle
@@ -48,7 +56,9 @@ class _Running:
 class _Slot:
     index: int
     running: _Running | None = None
+    generation: int = 0  # of the running instance
     starting: bool = False
+    replacing: bool = False  # a newer generation's instance is starting beside the running one
     restarts: int = 0
     last_error: str = ""
     not_before: float = 0.0
@@ -58,6 +68,7 @@ class _Slot:
 class _NodeState:
     slots: dict[int, _Slot] = field(default_factory=dict)
     failed: bool = False
+    failed_generation: int = 0  # a rollout to this generation could not start an instance; wait for the next
     crashes: list[float] = field(default_factory=list)
 
 
@@ -152,10 +163,58 @@ class Supervisor:
                 if slot.running is None and not slot.starting and now >= slot.not_before:
                     slot.starting = True
                     self._spawn(self._start(node, slot), f"start-{node.id}-{index}")
+            self._roll(node, state)
             await self._update_node_status(node.id)
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
             await self._stop_node(node_id)
             self._table.remove(node_id)
+
+    def _roll(self, node: Node, state: _NodeState) -> None:
+        """Replace instances of an older generation, at most `maintenance_limit` at once, each beside its old one."""
+        if state.failed_generation == node.generation:
+            return
+        stale = [s for s in state.slots.values() if s.running is not None and s.generation < node.generation]
+        busy = sum(1 for s in state.slots.values() if s.replacing)
+        for slot in [s for s in stale if not s.replacing][: max(0, node.maintenance_limit - busy)]:
+            slot.replacing = True
+            self._spawn(self._replace(node, state, slot), f"replace-{node.id}-{slot.index}")
+
+    async def _replace(self, node: Node, state: _NodeState, slot: _Slot) -> None:
+        """Start the new instance; once it is healthy, route to it, let the old one finish its requests, stop it."""
+        try:
+            new = await self._launch(node, slot)
+        except LaunchFailed as exc:
+            slot.replacing = False
+            state.failed_generation = node.generation
+            slot.last_error = f"Update to generation {node.generation} failed: {exc}"
+            logger.error("Node %s: %s The previous version keeps serving.", node.id, slot.last_error)
+            await self._set_status(node.id, "UNHEALTHY", slot.last_error + " The previous version keeps serving.")
+            return
+        if self._closing or state.slots.get(slot.index) is not slot:
+            new.instance.close()
+            await new.handle.stop()
+            await asyncio.to_thread(self._drop_instance, new.handle.instance_id)
+            return
+        old, slot.running, slot.generation, slot.replacing = slot.running, new, node.generation, False
+        new.watcher = self._spawn(self._watch(node.id, slot, new), f"watch-{new.handle.instance_id}")
+        self._publish(node.id)
+        await asyncio.to_thread(self._write_instance, node.id, new.handle.instance_id, slot, "HEALTHY", new.handle.pid)
+        if old is not None:
+            await self._drain(node.id, old, node.timeout)
+        logger.info("Node %s: slot %d now runs generation %d.", node.id, slot.index, node.generation)
+        await self._update_node_status(node.id)
+
+    async def _drain(self, node_id: str, old: _Running, timeout: float) -> None:
+        """Out of the route already: wait for its requests to finish (within the node's timeout), then stop it."""
+        await asyncio.to_thread(self._write_instance_status, old.handle.instance_id, "DELETING")
+        deadline = time.monotonic() + timeout + 5
+        while old.instance.outstanding and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if old.watcher is not None:
+            old.watcher.cancel()
+        old.instance.close()
+        await old.handle.stop()
+        await asyncio.to_thread(self._drop_instance, old.handle.instance_id)
 
     async def _suspend(self, node_id: str, state: _NodeState) -> None:
         """Stop every instance and keep the node; a resume starts it again from its pinned checkpoint."""
@@ -212,7 +271,13 @@ class Supervisor:
                 row = InstanceRow(id=instance_id, node_id=node_id, slot=slot.index, host=HOST)
                 session.add(row)
             row.status, row.status_since, row.pid = status, utcnow(), pid
-            row.restarts, row.last_error = slot.restarts, slot.last_error
+            row.restarts, row.last_error, row.generation = slot.restarts, slot.last_error, slot.generation
+
+    def _write_instance_status(self, instance_id: str, status: str) -> None:
+        with self._db.session() as session:
+            session.execute(
+                update(InstanceRow).where(InstanceRow.id == instance_id).values(status=status, status_since=utcnow())
+            )
 
     def _drop_instance(self, instance_id: str) -> None:
         """The instance is gone: forget its row and end its uptime."""
@@ -248,6 +313,8 @@ class Supervisor:
         state, route = self._nodes.get(node_id), self._table.find(node_id)
         if state is not None and route is not None:
             route.instances = [s.running.instance for s in state.slots.values() if s.running is not None]
+            for instance in route.instances:
+                instance.timeout = route.timeout  # an update may have changed it; no new instance needed
 
     async def _update_node_status(self, node_id: str) -> None:
         state, route = self._nodes.get(node_id), self._table.find(node_id)
@@ -282,7 +349,8 @@ class Supervisor:
 
     # -- instances
 
-    async def _start(self, node: Node, slot: _Slot) -> None:
+    async def _launch(self, node: Node, slot: _Slot) -> _Running:
+        """Start one instance of the node's current generation and wait until it answers; LaunchFailed if not."""
         handle: InstanceHandle | None = None
         instance_id = new_id()
         try:
@@ -299,30 +367,36 @@ class Supervisor:
                 await handle.stop()
                 raise
         except (InstanceFailed, Unavailable) as exc:
-            code = handle.returncode if handle is not None else None
-            slot.starting = False
             await asyncio.to_thread(self._drop_instance, instance_id)
-            await self._crashed(node.id, slot, str(exc), permanent=code in PERMANENT_EXIT_CODES)
-            return
+            code = handle.returncode if handle is not None else None
+            raise LaunchFailed(str(exc), permanent=code in PERMANENT_EXIT_CODES) from exc
         except Exception as exc:
             logger.exception("Node %s: the instance could not be started.", node.id)
-            slot.starting = False
             await asyncio.to_thread(self._drop_instance, instance_id)
-            await self._crashed(node.id, slot, f"The instance could not be started: {exc}", permanent=False)
+            raise LaunchFailed(f"The instance could not be started: {exc}", permanent=False) from exc
+        logger.info("Node %s: instance %s ready (slot %d, pid %s).", node.id, instance_id, slot.index, handle.pid)
+        return _Running(handle, instance)
+
+    async def _start(self, node: Node, slot: _Slot) -> None:
+        try:
+            running = await self._launch(node, slot)
+        except LaunchFailed as exc:
+            slot.starting = False
+            await self._crashed(node.id, slot, exc.reason, permanent=exc.permanent)
             return
         slot.starting = False
         state = self._nodes.get(node.id)
         if self._closing or state is None or state.slots.get(slot.index) is not slot:
-            instance.close()
-            await handle.stop()
-            await asyncio.to_thread(self._drop_instance, instance_id)
+            running.instance.close()
+            await running.handle.stop()
+            await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
             return
-        running = _Running(handle, instance)
-        running.watcher = self._spawn(self._watch(node.id, slot, running), f"watch-{instance_id}")
-        slot.running = running
+        running.watcher = self._spawn(self._watch(node.id, slot, running), f"watch-{running.handle.instance_id}")
+        slot.running, slot.generation = running, node.generation
         self._publish(node.id)
-        logger.info("Node %s: instance %s ready (slot %d, pid %s).", node.id, instance_id, slot.index, handle.pid)
-        await asyncio.to_thread(self._write_instance, node.id, instance_id, slot, "HEALTHY", handle.pid)
+        await asyncio.to_thread(
+            self._write_instance, node.id, running.handle.instance_id, slot, "HEALTHY", running.handle.pid
+        )
         await self._update_node_status(node.id)
 
     def _instance_spec(self, node: Node, instance_id: str) -> InstanceSpec:
