@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     profile: Path | None = Field(None, description="Profile file written for the local CLI; 'none' to skip.")
     specs_file: Path | None = Field(None, description="JSON spec table replacing the reference's. Default: none.")
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    liveness_interval: float = Field(5.0, gt=0, description="Seconds between liveness checks of idle instances.")
+    liveness_timeout: float = Field(
+        10.0, gt=0, description="Seconds an idle instance may take to answer a liveness check before it is replaced."
+    )
     idle_timeout: int = Field(
         300, ge=1, le=86_400, description="Seconds an idle client connection stays open. Defaults to 300."
     )

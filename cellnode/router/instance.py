@@ -16,7 +16,7 @@ import orjson
 from cellnode.backends.base import InstanceHandle
 from cellnode.exceptions import CellExecutionError, DeadlineExceeded, InternalError, OutputError, Unavailable
 from cellnode.router.channel import Answer, InstanceChannel
-from cellnode.runtime.protocol import CELL_ERROR, EXECUTE, FAILURE, OK, OUTPUT_ERROR
+from cellnode.runtime.protocol import CELL_ERROR, EXECUTE, FAILURE, OK, OUTPUT_ERROR, PING, PONG
 
 DEFAULT_INTERRUPT_GRACE = 5.0
 TIMED_OUT = "Node {node!r} did not answer within its timeout of {timeout:g} s; {what}."
@@ -115,6 +115,20 @@ class Instance:
             return self._result(kind, payload)
         finally:
             self._outstanding -= 1
+
+    async def ping(self, timeout: float) -> bool:
+        """Liveness: whether an idle instance answers PING within `timeout`. A busy one is not asked (the request's
+        own deadline watches it), and counts as alive."""
+        if not self._is_alive or self._outstanding or not self._channel.is_connected:
+            return self._is_alive
+        self._outstanding += 1  # while it is asked, requests prefer the other instances
+        try:
+            kind, _ = await asyncio.wait_for(self._channel.request(PING), timeout)
+        except (TimeoutError, ConnectionError):
+            return False
+        finally:
+            self._outstanding -= 1
+        return kind == PONG
 
     def close(self) -> None:
         """Close the connection and take this Instance out of service; the process is the supervisor's to stop."""

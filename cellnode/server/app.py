@@ -58,6 +58,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             logs_dir=settings.data_dir / "logs",
             start_timeout=settings.instance_start_timeout,
             specs=specs,
+            liveness=(settings.liveness_interval, settings.liveness_timeout),
         )
         app.state.services = Services(
             settings=settings,

@@ -50,6 +50,7 @@ class _Running:
     handle: InstanceHandle
     instance: Instance
     watcher: asyncio.Task[None] | None = None
+    hung: bool = False  # killed because it did not answer a liveness check
 
 
 @dataclass
@@ -85,7 +86,9 @@ class Supervisor:
         logs_dir: Path,
         start_timeout: float,
         specs: dict[str, Spec] | None = None,
+        liveness: tuple[float, float] = (5.0, 10.0),
     ) -> None:
+        self._liveness_interval, self._liveness_timeout = liveness
         self._specs = specs if specs is not None else dict(REFERENCE_SPECS)
         self._cpus = count_cpus()
         self._db = db
@@ -107,6 +110,7 @@ class Supervisor:
         await asyncio.to_thread(self._mark_restarting)
         await self.reconcile()
         self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
+        self._spawn(self._check_liveness(), "cellnode-liveness")
 
     def notify(self) -> None:
         """Wake the supervisor after a change to desired state; safe from any thread."""
@@ -135,6 +139,29 @@ class Supervisor:
                 await self.reconcile()
             except Exception:  # pragma: no cover - a bug; keep supervising the rest
                 logger.exception("Reconcile failed; retrying in %.0f s.", RECONCILE_INTERVAL)
+
+    async def _check_liveness(self) -> None:
+        """Every interval, ask each idle instance for a PONG; one that does not answer in time is killed (and so
+        replaced), with the reason recorded."""
+        while True:
+            await asyncio.sleep(self._liveness_interval)
+            checks = [
+                (node_id, slot.running)
+                for node_id, state in self._nodes.items()
+                for slot in state.slots.values()
+                if slot.running is not None
+            ]
+            answers = await asyncio.gather(*(running.instance.ping(self._liveness_timeout) for _, running in checks))
+            for (node_id, running), is_alive in zip(checks, answers, strict=True):
+                if not is_alive and running.instance.is_alive and not running.hung:
+                    running.hung = True
+                    logger.error(
+                        "Node %s: instance %s did not answer a liveness check within %g s; replacing it.",
+                        node_id,
+                        running.handle.instance_id,
+                        self._liveness_timeout,
+                    )
+                    running.handle.kill()
 
     async def reconcile(self) -> None:
         """One pass: bring routes and instances in line with the store."""
@@ -449,6 +476,13 @@ class Supervisor:
             logger.warning("Node %s: instance %s was killed after a timeout; replacing it.", node_id, code)
             await self._update_node_status(node_id)
             self.notify()
+            return
+        if running.hung:
+            reason = (
+                f"Instance {running.handle.instance_id} did not answer a liveness check within "
+                f"{self._liveness_timeout:g} s, so it was killed"
+            )
+            await self._crashed(node_id, slot, reason, permanent=False)
             return
         reason = f"Instance {running.handle.instance_id} exited with code {code}"
         last = running.handle.last_log_line()

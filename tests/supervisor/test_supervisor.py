@@ -76,3 +76,29 @@ def test_crash_loop_ends_in_failed(server: ServerProcess, client: Client, tmp_pa
         client.wait_node(node["id"], timeout=5)
     client.delete_node(node["id"])
     client.delete_checkpoint("crashy-checkpoint")
+
+
+def test_a_frozen_idle_instance_is_replaced(tmp_path: Path) -> None:
+    env = {
+        "CELLNODE_PROFILE": str(tmp_path / "p.json"),
+        "CELLNODE_LIVENESS_INTERVAL": "0.3",
+        "CELLNODE_LIVENESS_TIMEOUT": "1",
+    }
+    server = ServerProcess(tmp_path / "data", env=env).start()
+    try:
+        with server.client() as api:
+            api.create_checkpoint(notebook(tmp_path, "a = 1", "b = a * 2"), name="frozen")
+            node = api.create_node("frozen-node", checkpoint="frozen", inputs={"a": "int"}, outputs={"b": "int"})
+            (instance,) = node["instances"]
+            os.kill(instance["pid"], signal.SIGSTOP)
+
+            def replaced() -> bool:
+                found = api.get_node("frozen-node")["instances"]
+                return len(found) == 1 and found[0]["pid"] != instance["pid"] and found[0]["status"] == "HEALTHY"
+
+            wait_for(replaced, timeout=30)
+            (replacement,) = api.get_node("frozen-node")["instances"]
+            assert replacement["restarts"] == 1 and "liveness check within 1 s" in replacement["last_error"]
+            assert api.execute("frozen-node", {"a": 21}) == {"b": 42}
+    finally:
+        server.stop()
