@@ -2,11 +2,13 @@
 
 Standard library and cloudpickle only: this module runs inside instances.
 
-The instance loads its checkpoint, then binds its Unix socket, so a successful connect means it is ready. One
-thread serves every connection through a selector, one frame at a time: the front keeps one persistent connection
-and a health check may open another. Signals: SIGINT interrupts a running cell (and is ignored between requests);
-SIGTERM lets the current request finish, then closes the socket, removes its file and exits 0. An instance whose
-parent process dies (the server was killed) exits the same way, so that no instance outlives its server.
+The local backend forks instances from a zygote (`cellnode.runtime.zygote`), which hands `InstanceServer` a socket it
+has already bound. Run alone, as here, the instance loads its checkpoint, then binds its Unix socket, so a successful
+connect means it is ready. One thread serves every connection through a selector, one frame at a time: the front
+keeps one persistent connection and a health check may open another. Signals: SIGINT interrupts a running cell (and
+is ignored between requests); SIGTERM lets the current request finish, then closes the socket, removes its file and
+exits 0. An instance whose parent process dies (the server, or the zygote it was forked from) exits the same way, so
+that no instance outlives its server.
 
 Exit codes: 0 after SIGTERM, 2 for a bad spec or socket, 3 for a corrupt blob, 4 when the checkpoint cannot be
 loaded (a missing module, a cell that does not compile); the reason is the last line on stderr.
@@ -28,7 +30,10 @@ from cellnode.runtime.executor import Executor, encode_message
 from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
 from cellnode.runtime.protocol import EXECUTE, FAILURE, PING, PONG, recv_frame, send_frame
 
-USAGE = "Usage: python -m cellnode.runtime SPEC_PATH (the launch spec JSON written by the backend)."
+USAGE = (
+    "Usage: python -m cellnode.runtime SPEC_PATH (the launch spec JSON written by the backend), "
+    "or python -m cellnode.runtime --zygote SPEC_PATH."
+)
 # sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 FRAME_TIMEOUT = 60.0
@@ -40,11 +45,12 @@ _WAKEUP = "wakeup"
 
 
 class InstanceServer:
-    """Serves EXECUTE and PING frames on a Unix socket until SIGTERM."""
+    """Serves EXECUTE and PING frames on a Unix socket until SIGTERM; binds `socket_path` unless given `listener`."""
 
-    def __init__(self, socket_path: str, executor: Executor) -> None:
+    def __init__(self, socket_path: str, executor: Executor, *, listener: socket.socket | None = None) -> None:
         self.socket_path = socket_path
         self.executor = executor
+        self.listener = listener
         self.should_exit = False
         self.parent_pid = os.getppid()
 
@@ -54,7 +60,7 @@ class InstanceServer:
 
     def serve(self) -> int:
         """Bind the socket and serve until SIGTERM; the process exit code."""
-        listener = _bind(self.socket_path)
+        listener = self.listener if self.listener is not None else bind_socket(self.socket_path)
         wakeup_r, wakeup_w = socket.socketpair()
         wakeup_r.setblocking(False)
         wakeup_w.setblocking(False)
@@ -77,7 +83,7 @@ class InstanceServer:
                     if key.data is _LISTENER:
                         self._accept(listener, selector)
                     elif key.data is _WAKEUP:
-                        _drain(wakeup_r)
+                        drain(wakeup_r)
                     else:
                         self._handle(key.fileobj, selector)  # type: ignore[arg-type]
                     if self.should_exit:
@@ -130,7 +136,7 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_SPEC
     started = time.monotonic()
     try:
-        spec = _read_spec(argv[0])
+        spec = read_spec(argv[0], "socket", str)
         ns, code = load(spec)
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
@@ -149,19 +155,21 @@ def main(argv: list[str]) -> int:
         return exc.exit_code
 
 
-def _read_spec(path: str) -> dict[str, Any]:
+def read_spec(path: str, key: str, kind: type) -> dict[str, Any]:
+    """The JSON object at `path`, which must hold `key` of type `kind`; LoadError (exit 2) otherwise."""
     try:
         with open(path, encoding="utf-8") as file:
             spec = json.load(file)
     except (OSError, ValueError) as exc:
         message = f"The launch spec {path!r} cannot be read: {exc}. Start the instance through a backend."
         raise LoadError(message, EXIT_BAD_SPEC) from exc
-    if not isinstance(spec, dict) or not isinstance(spec.get("socket"), str):
-        raise LoadError(f"The launch spec {path!r} has no 'socket' path; the backend must write one.", EXIT_BAD_SPEC)
+    if not isinstance(spec, dict) or not isinstance(spec.get(key), kind):
+        raise LoadError(f"The launch spec {path!r} has no {key!r}; the backend must write one.", EXIT_BAD_SPEC)
     return spec
 
 
-def _bind(path: str) -> socket.socket:
+def bind_socket(path: str) -> socket.socket:
+    """A non-blocking Unix socket listening at `path`, mode 0600; LoadError (exit 2) if it cannot be bound."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise LoadError(
             f"Socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime directory.",
@@ -182,7 +190,8 @@ def _bind(path: str) -> socket.socket:
     return listener
 
 
-def _drain(wakeup: socket.socket) -> None:
+def drain(wakeup: socket.socket) -> None:
+    """Read everything a non-blocking signal wakeup socket holds."""
     try:
         while wakeup.recv(512):
             pass

@@ -17,6 +17,21 @@ instance -> front:
   OUTPUT_ERROR  `{"message": ...}`: an output is missing or of the wrong type; the message names it
   INTERRUPTED   `{"message": ...}`: the cell was interrupted (SIGINT, sent by the front on a timeout)
   FAILURE       `{"message": ...}`: the instance failed to handle the frame (a bug, not the cell's fault)
+
+The same frames run the control connection between the backend and a zygote (`cellnode.runtime.zygote`), a socket
+pair the backend creates when it starts the zygote:
+
+zygote -> backend:
+  READY     `{"pid": ..., "seconds": ...}`: the checkpoint is loaded and frozen; FORK requests may follow
+  FORKED    `{"pid": ...}`: the answer to FORK, the pid of the new instance
+  FAILURE   `{"message": ..., "code": ...}`: the answer to a FORK that could not be done (a socket path that cannot
+            be bound: code 2); `code` is the exit code the backend reports for the instance that never ran
+  EXITED    `{"pid": ..., "code": ...}`: an instance forked from this zygote ended (code < 0: killed by that signal);
+            sent at any time, but for a given pid always after its FORKED
+
+backend -> zygote:
+  FORK      `{"instance_id": ..., "socket": ...}`: fork an instance serving on that Unix socket path; the backend
+            sends the next FORK only after the answer to this one
 """
 
 from __future__ import annotations
@@ -36,6 +51,10 @@ CELL_ERROR = ord("X")
 OUTPUT_ERROR = ord("V")
 INTERRUPTED = ord("I")
 FAILURE = ord("F")
+READY = ord("R")
+FORK = ord("K")
+FORKED = ord("k")
+EXITED = ord("Z")
 
 
 class ProtocolError(ConnectionError):

@@ -13,7 +13,7 @@ from cellnode.backends.base import InstanceFailed, InstanceSpec
 from cellnode.backends.local import LocalBackend
 from cellnode.router.channel import InstanceChannel
 from cellnode.runtime.protocol import EXECUTE, OK, PING, PONG
-from tests.backends.instances import start_ready
+from tests.backends.instances import parent_of, start_ready
 from tests.runtime.checkpoints import launch_spec, randomizer_spec
 
 SLEEPER = ("import time",)
@@ -26,17 +26,23 @@ def test_start_ready_stop(tmp_path: Path) -> None:
             handle = await start_ready(backend, tmp_path, randomizer_spec(tmp_path))
             assert (handle.instance_id, handle.node_id, handle.returncode) == ("i1", "n1", None)
             assert handle.pid is not None
+            (zygote,) = backend.zygotes
+            assert parent_of(handle.pid) == zygote.process.pid != os.getpid()
             assert len(handle.address) < 100 and handle.address.startswith(str(backend.runtime_dir))
-            launch = json.loads((backend.runtime_dir / "1.json").read_text())
-            assert launch["socket"] == handle.address
-            assert "loaded 5 variables" in handle.last_log_line()
+            launch = json.loads(zygote.spec_path.read_text())
+            assert "instance_id" not in launch and "socket" not in launch
+            assert launch["node_id"] == "n1" and isinstance(launch["control_fd"], int)
+            assert stat.S_IMODE(zygote.spec_path.stat().st_mode) == 0o600
+            assert "Instance 'i1' of node 'n1' forked from zygote" in handle.last_log_line()
             handle.interrupt()  # Idle: ignored.
             await handle.stop()
             assert handle.returncode == 0
             assert not os.path.exists(handle.address)
-            assert not (backend.runtime_dir / "1.json").exists()
             handle.interrupt()  # Ended: nothing to signal.
             handle.kill()
+            assert zygote.returncode is None, "the node's zygote outlives its instances"
+        assert zygote.returncode == 0
+        assert not zygote.spec_path.exists()
         assert not backend.runtime_dir.exists()
 
     asyncio.run(scenario())
@@ -74,12 +80,17 @@ def test_corrupt_blob_fails_the_start(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with LocalBackend() as backend:
+            spec = InstanceSpec("n1", "i1", launch, log_path=tmp_path / "node.log")
+            handle = await backend.start(spec)
             with pytest.raises(InstanceFailed) as caught:
-                await start_ready(backend, tmp_path, launch)
+                await handle.wait_ready(30)
             message = str(caught.value)
             assert message.startswith("Instance 'i1' of node 'n1' exited with code 3 before it was ready; ")
             assert f"its last log line: Blob for variable {name!r} at " in message
             assert "Capture the checkpoint again." in message
+            assert handle.returncode == 3 and handle.pid is None
+            assert await handle.wait() == 3
+            assert backend.zygotes[0].returncode == 3
 
     asyncio.run(scenario())
 
@@ -91,7 +102,10 @@ def test_wait_ready_timeout_kills_the_instance(tmp_path: Path) -> None:
             handle = await backend.start(spec)
             with pytest.raises(InstanceFailed, match="did not answer a PING within 0 s, so it was killed"):
                 await handle.wait_ready(0)
-            assert handle.returncode is not None
+            assert handle.returncode == -signal.SIGKILL
+            (zygote,) = backend.zygotes
+            await zygote.process.wait()
+            assert zygote.returncode == -signal.SIGKILL, "a zygote still loading after the start timeout is killed"
 
     asyncio.run(scenario())
 

@@ -254,7 +254,7 @@ def test_ipython_syntax_without_ipython_exits_4(tmp_path: Path, short_dir: Path)
     [
         ("usage", "Usage: python -m cellnode.runtime SPEC_PATH"),
         ("not json", "cannot be read"),
-        ("no socket", "has no 'socket' path; the backend must write one."),
+        ("no socket", "has no 'socket'; the backend must write one."),
         ("long socket", "is longer than 107 bytes; use a shorter runtime directory."),
         ("taken socket", "Cannot bind socket"),
     ],
