@@ -104,13 +104,14 @@ def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     assert "CELLNODE_PORT" in result.stderr and "eighty" in result.stderr
 
 
-def test_instances_exit_when_the_server_is_killed(tmp_path: Path) -> None:
+def test_instances_exit_when_the_server_is_killed(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     server = ServerProcess(tmp_path / "data", env={"CELLNODE_PROFILE": str(tmp_path / "p.json")}).start()
+    request.addfinalizer(lambda: server.stop(signal.SIGKILL))
     with server.client() as api:
         api.create_checkpoint(notebook(tmp_path, "a = 1", "b = a + 1"), name="k")
-        api.create_node("k-node", checkpoint="k", inputs={"a": "int"}, outputs={"b": "int"}, instances=2)
+        node = api.create_node("k-node", checkpoint="k", inputs={"a": "int"}, outputs={"b": "int"}, instances=2)
     pids = instance_pids(server)
-    assert len(pids) >= 2
+    assert {i["pid"] for i in node["instances"]} <= pids and len(node["instances"]) == 2
     server.stop(signal.SIGKILL)
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
