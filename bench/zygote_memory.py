@@ -126,7 +126,8 @@ async def forked(launch: dict[str, Any], log: Path, count: int, starts: int, env
             handle, seconds = await start(f"s{number}")
             times.append(seconds)
             await handle.stop()
-    fork_ms = [float(ms) for name, ms in FORKED_LINE.findall(log.read_text()) if name.startswith("s")]
+    text = "".join(path.read_text() for path in sorted(log.glob("*.log*")))  # one file per process
+    fork_ms = [float(ms) for name, ms in FORKED_LINE.findall(text) if name.startswith("s")]
     return {
         "cold_start_s": cold,
         "pss_1_gib": gib(one),
@@ -184,8 +185,8 @@ def main() -> int:
         began = time.perf_counter()
         launch = write_checkpoint(directory, args.gib)
         print(f"Checkpoint of {args.gib:g} GiB written in {time.perf_counter() - began:.1f} s.", flush=True)
-        new = asyncio.run(forked(launch, directory / "node.log", args.instances, args.starts, {}))
-        huge = asyncio.run(forked(launch, directory / "huge.log", args.instances, args.starts, HUGE_PAGES))
+        new = asyncio.run(forked(launch, directory / "node-logs", args.instances, args.starts, {}))
+        huge = asyncio.run(forked(launch, directory / "huge-logs", args.instances, args.starts, HUGE_PAGES))
         old = standalone(launch, directory, directory / "old.log", args.instances)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

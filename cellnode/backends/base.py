@@ -6,7 +6,7 @@ timeout. The front talks to the instance itself over the Unix socket at `handle.
 (see `cellnode.runtime.protocol`).
 
     backend = LocalBackend()
-    handle = await backend.start(InstanceSpec("n1", "i1", launch, log_path=Path("logs/n1.log")))
+    handle = await backend.start(InstanceSpec("n1", "i1", launch, log_path=Path("logs/n1")))
     await handle.wait_ready(timeout=60.0)
     ...
     await backend.close()
@@ -26,8 +26,10 @@ from cellnode.exceptions import CellnodeError
 class InstanceSpec:
     """What a backend needs to start one instance.
 
-    `launch` is the launch spec of `cellnode.runtime` without `"socket"`, which the backend fills in. `env` is added
-    to the minimal environment the instance gets (secrets, for example); the server's own environment is not passed.
+    `launch` is the launch spec of `cellnode.runtime` without `"socket"` and `"log_dir"`, which the backend fills in.
+    `log_path` is the node's log directory, where each of its processes writes a log file of its own (the local
+    backend creates it, mode 0700). `env` is added to the minimal environment the instance gets (secrets, for
+    example); the server's own environment is not passed.
     """
 
     node_id: str
@@ -88,7 +90,7 @@ class InstanceHandle(ABC):
 
     @abstractmethod
     def last_log_line(self) -> str:
-        """The last non-empty line the instance wrote to its log, or an empty string."""
+        """The text of the last line the instance (or, failing that, what started it) logged, or an empty string."""
         raise NotImplementedError("The 'last_log_line' method must be implemented.")
 
     def __repr__(self) -> str:

@@ -1,47 +1,40 @@
-"""The local backend: a zygote process per node, and instances forked from it (see `cellnode.runtime.zygote`).
+"""The local backend: a zygote process per node, and instances forked from it (see `cellnode.backends.zygote`).
 
-The first `start()` of a node starts its zygote, `python -u -m cellnode.runtime --zygote SPEC`, a child of the server
-in a session of its own, which loads the checkpoint once. The zygote is keyed by the node and a digest of its launch
-spec (without the instance ID), environment and log file, so a changed checkpoint or cell gets a new zygote. The
-backend holds one end of a socket pair, the zygote's control connection; through it each `start()` asks for a fork,
-and the zygote reports each instance's exit, which is what `handle.wait()` returns. The handle signals the instance
-itself, through a pidfd, so a pid reused after the instance ended is never signalled.
+The first `start()` of a node starts its zygote, which loads the checkpoint once. The zygote is keyed by the node and
+a digest of its launch spec (without the instance ID), environment and log directory, so a changed checkpoint or cell
+gets a new zygote. Each `start()` asks the node's zygote for a fork; the zygote reports each instance's exit, which is
+what `handle.wait()` returns. The handle signals the instance itself, through a pidfd, so a pid reused after the
+instance ended is never signalled. If a zygote dies, the next `start()` of the node starts a new one.
 
-Lifetimes: a node's current zygote stays (a replacement instance then starts in milliseconds) until `release(node_id)`
-or `close()`; a superseded zygote is stopped once its last instance has ended. If a zygote dies, its instances are
-killed and reported as -9, and the next `start()` of the node starts a new zygote. A zygote whose control connection
-closes (the server died) kills its instances and exits.
-
-Zygotes get a minimal environment plus `InstanceSpec.env`, never the server's `CELLNODE_*` settings, and write stdout
-and stderr (theirs and their instances') to the node's log file. Specs and sockets live in a private runtime directory
-(`tempfile.mkdtemp`, mode 0700) with short names, because a Unix socket path holds at most 107 bytes.
+`InstanceSpec.log_path` is the node's log directory (created mode 0700): each instance writes `<instance_id>.log`
+there, and each zygote `zygote-<n>.log`. Specs and sockets live in a private runtime directory (`tempfile.mkdtemp`,
+mode 0700) with short names, because a Unix socket path holds at most 107 bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
-import json
 import os
 import select
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
-from cellnode.runtime.protocol import EXITED, FORK, FORKED, PING, PONG, READY, encode, read_frame
+from cellnode.backends.zygote import (
+    ZYGOTE_STOP_GRACE,
+    LocalZygote,
+    instance_env as instance_env,  # Re-exported: scripts start instances by hand.
+    launch_digest,
+    start_zygote,
+)
+from cellnode.runtime.protocol import PING, PONG, encode, read_frame
 
-# COVERAGE_PROCESS_START lets coverage follow into instances; it carries no secret.
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "COVERAGE_PROCESS_START")
 LOG_TAIL_BYTES = 4096
-ZYGOTE_STOP_GRACE = 5.0
 
 
 class LocalInstanceHandle(InstanceHandle):
@@ -49,7 +42,7 @@ class LocalInstanceHandle(InstanceHandle):
 
     def __init__(self, spec: InstanceSpec, address: str, zygote: LocalZygote) -> None:
         super().__init__(instance_id=spec.instance_id, node_id=spec.node_id, address=address)
-        self.log_path = spec.log_path
+        self.log_path = spec.log_path / f"{spec.instance_id}.log"
         self.zygote = zygote
         self._pid: int | None = None
         self._pidfd: int | None = None
@@ -114,14 +107,8 @@ class LocalInstanceHandle(InstanceHandle):
         self._signal(signal.SIGKILL)
 
     def last_log_line(self) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-                tail = log.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        lines = [line.strip() for line in tail.splitlines() if line.strip()]
-        return lines[-1] if lines else ""
+        """The text of the last record in the instance's log file, or else in its zygote's (which logs load errors)."""
+        return last_line(self.log_path) or last_line(self.zygote.log_path)
 
     def forked(self, pid: int) -> None:
         """The zygote forked this instance as `pid` (called before any EXITED frame for it is read)."""
@@ -203,131 +190,6 @@ class LocalInstanceHandle(InstanceHandle):
         return f"Instance {self.instance_id!r} of node {self.node_id!r} {what}{said} (log: {self.log_path})."
 
 
-class LocalZygote:
-    """The backend's side of one zygote process: its control connection and the instances it forked."""
-
-    def __init__(
-        self, node_id: str, digest: str, process: asyncio.subprocess.Process, spec_path: Path, control: socket.socket
-    ) -> None:
-        self.node_id = node_id
-        self.digest = digest
-        self.process = process
-        self.spec_path = spec_path
-        self.is_current = True
-        self.is_ready = False
-        self.is_gone = False
-        self.handles: set[LocalInstanceHandle] = set()
-        self._by_pid: dict[int, LocalInstanceHandle] = {}
-        self._control = control
-        self._writer: asyncio.StreamWriter | None = None
-        # Resolves to None on READY, or to the exit code of a zygote that ended first.
-        self._ready: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._lock = asyncio.Lock()
-        self._forking: tuple[LocalInstanceHandle, asyncio.Future[dict[str, Any]]] | None = None
-        self._task = asyncio.create_task(self._run(), name=f"zygote-{node_id}")
-        self._stopping: asyncio.Task[None] | None = None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-    async def fork(self, handle: LocalInstanceHandle) -> None:
-        """Fork `handle`'s instance, then end the handle if that failed or the zygote could not load."""
-        self.handles.add(handle)
-        async with self._lock:
-            code = await asyncio.shield(self._ready)
-            if handle.returncode is not None:
-                return
-            if code is not None or self.is_gone or self._writer is None or self._stopping is not None:
-                handle.end(code if code is not None else -signal.SIGKILL)
-                return
-            answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._forking = (handle, answer)
-            request = {"instance_id": handle.instance_id, "socket": handle.address}
-            self._writer.write(encode(FORK, json.dumps(request).encode()))
-            # Shielded: the lock is held until the answer is in, so answers always match their requests.
-            failure = await asyncio.shield(answer)
-        if "pid" not in failure:
-            handle.end(int(failure.get("code", 1)))
-
-    def forget(self, handle: LocalInstanceHandle) -> None:
-        """`handle` ended; a superseded zygote with no instance left is stopped."""
-        self.handles.discard(handle)
-        if handle.pid is not None:
-            self._by_pid.pop(handle.pid, None)
-        if not self.is_current:
-            self.retire()
-
-    def retire(self) -> None:
-        """No new instance will come from this zygote: stop it once its last instance has ended."""
-        self.is_current = False
-        if not self.handles and self._stopping is None:
-            self._stopping = asyncio.create_task(self._stop(ZYGOTE_STOP_GRACE), name=f"stop-zygote-{self.node_id}")
-
-    async def stop(self, grace: float = ZYGOTE_STOP_GRACE) -> None:
-        """Stop the instances (SIGTERM, then SIGKILL after `grace`), then the zygote; idempotent."""
-        self.is_current = False
-        self._stopping = self._stopping or asyncio.create_task(self._stop(grace))
-        await asyncio.shield(self._stopping)
-
-    def kill(self) -> None:
-        """End the zygote at once; its instances are then killed too."""
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-
-    async def _stop(self, grace: float) -> None:
-        await asyncio.gather(*(handle.stop(grace) for handle in list(self.handles)))
-        if self._writer is not None:
-            self._writer.close()  # The zygote exits once its control connection closes.
-        else:
-            self.kill()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), grace)
-        except TimeoutError:
-            self.kill()
-            await self._task
-
-    async def _run(self) -> None:
-        try:
-            reader, self._writer = await asyncio.open_unix_connection(sock=self._control)
-            while True:
-                kind, payload = await read_frame(reader)
-                message = json.loads(payload)
-                if kind == READY and not self._ready.done():
-                    self.is_ready = True
-                    self._ready.set_result(None)
-                elif kind == EXITED:
-                    handle = self._by_pid.pop(message["pid"], None)
-                    if handle is not None:
-                        handle.end(message["code"])
-                elif self._forking is not None:
-                    handle, answer = self._forking
-                    self._forking = None
-                    if kind == FORKED:
-                        self._by_pid[message["pid"]] = handle
-                        handle.forked(message["pid"])
-                    answer.set_result(message)
-        except (ConnectionError, OSError, ValueError, KeyError, TypeError):
-            pass  # The end of the stream, or a zygote that broke the protocol: either way it is done.
-        finally:
-            self.is_gone, self.is_current = True, False
-            if self._writer is not None:
-                self._writer.close()
-            else:
-                self._control.close()
-        code = await self.process.wait()
-        self.spec_path.unlink(missing_ok=True)
-        if not self._ready.done():
-            self._ready.set_result(code)
-        if self._forking is not None:
-            self._forking[1].set_result({"code": -signal.SIGKILL})
-        await asyncio.gather(*(handle.end_orphan() for handle in list(self._by_pid.values())))
-        for handle in list(self.handles):
-            if handle.pid is not None:
-                handle.end(-signal.SIGKILL)
-
-
 class LocalBackend(Backend):
     """Runs instances as forks of one zygote process per node.
 
@@ -343,6 +205,7 @@ class LocalBackend(Backend):
         self.zygotes: list[LocalZygote] = []
         self._current: dict[str, LocalZygote] = {}
         self._counter = itertools.count(1)
+        self._zygote_numbers = itertools.count(1)
         self._lock = asyncio.Lock()
 
     async def start(self, spec: InstanceSpec) -> LocalInstanceHandle:
@@ -370,46 +233,23 @@ class LocalBackend(Backend):
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     async def _start_zygote(self, spec: InstanceSpec, digest: str) -> LocalZygote:
-        spec_path = self.runtime_dir / f"z{next(self._counter)}.json"
-        ours, theirs = socket.socketpair()
-        launch = {key: value for key, value in spec.launch.items() if key != "instance_id"}
-        launch.update(node_id=spec.node_id, control_fd=theirs.fileno())
-        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "w", encoding="utf-8") as file:
-            json.dump(launch, file)
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(spec.log_path, "ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    *(self.python, "-u", "-m", "cellnode.runtime", "--zygote", str(spec_path)),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=instance_env(spec.env),
-                    start_new_session=True,
-                    pass_fds=(theirs.fileno(),),
-                )
-        except OSError as exc:
-            ours.close()
-            spec_path.unlink(missing_ok=True)
-            raise InstanceFailed(
-                f"Instance {spec.instance_id!r} of node {spec.node_id!r} could not be started with "
-                f"{self.python!r}: {exc}. Check that the interpreter exists and is executable."
-            ) from exc
-        finally:
-            theirs.close()
-        return LocalZygote(spec.node_id, digest, process, spec_path, ours)
+        number = next(self._zygote_numbers)
+        spec_path = self.runtime_dir / f"z{number}.json"
+        return await start_zygote(spec, digest, python=self.python, spec_path=spec_path, name=f"zygote-{number}")
 
 
-def launch_digest(spec: InstanceSpec, python: str) -> str:
-    """What makes a zygote reusable for `spec`: the launch spec but its instance ID, the environment, the log file."""
-    launch = {key: value for key, value in spec.launch.items() if key != "instance_id"}
-    key = {"launch": launch, "env": spec.env, "log": str(spec.log_path), "python": python}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def instance_env(extra: dict[str, str]) -> dict[str, str]:
-    """The environment of a zygote and its instances: a few variables of the server's, then `extra`."""
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    env.update(extra)
-    return env
+def last_line(path: Path) -> str:
+    """The text of the last non-empty line of a log file (a line not in the record format, whole); empty if none."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            tail = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    for line in reversed(tail.splitlines()):
+        fields = line.split(" ", 4)
+        # TIMESTAMP INSTANCE_ID REQUEST_ID STREAM TEXT
+        text = fields[4] if len(fields) == 5 and fields[0].endswith("Z") and fields[3] in ("out", "err") else line
+        if text.strip():
+            return text.strip()
+    return ""

@@ -61,8 +61,10 @@ class InstanceChannel:
         answer = await self.submit(kind, payload)
         return await answer
 
-    async def submit(self, kind: int, payload: bytes = b"", *, deadline: float | None = None) -> asyncio.Future[Answer]:
-        """Send one frame once the channel is free; a future of the answer.
+    async def submit(
+        self, kind: int, payload: bytes = b"", *, deadline: float | None = None, prefix: bytes = b""
+    ) -> asyncio.Future[Answer]:
+        """Send one frame, whose payload is `prefix` then `payload`, once the channel is free; a future of the answer.
 
         `deadline` is a `loop.time()` value: if the channel is still busy then, TimeoutError, and nothing is sent.
         A broken or closed connection raises ConnectionError, here or from the future.
@@ -85,7 +87,7 @@ class InstanceChannel:
         answer: asyncio.Future[Answer] = loop.create_future()
         answer.add_done_callback(self._on_answer_done)
         self._protocol.answer = answer
-        self._transport.write(encode(kind, payload))
+        self._transport.write(encode(kind, payload, prefix))
         return answer
 
     def close(self) -> None:

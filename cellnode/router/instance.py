@@ -16,7 +16,7 @@ import orjson
 from cellnode.backends.base import InstanceHandle
 from cellnode.exceptions import CellExecutionError, DeadlineExceeded, InternalError, OutputError, Unavailable
 from cellnode.router.channel import Answer, InstanceChannel
-from cellnode.runtime.protocol import CELL_ERROR, EXECUTE, FAILURE, OK, OUTPUT_ERROR, PING, PONG
+from cellnode.runtime.protocol import CELL_ERROR, EXECUTE, EXECUTE_ID, FAILURE, OK, OUTPUT_ERROR, PING, PONG, REQUEST_ID
 
 DEFAULT_INTERRUPT_GRACE = 5.0
 TIMED_OUT = "Node {node!r} did not answer within its timeout of {timeout:g} s; {what}."
@@ -78,12 +78,19 @@ class Instance:
             except ConnectionError as exc:
                 raise await self._die("it refused the connection") from exc
 
-    async def execute(self, input_json: bytes, *, deadline: float) -> bytes:
+    async def execute(self, input_json: bytes, *, deadline: float, request_id: str | None = None) -> bytes:
         """Run the cell on `input_json` (a checked JSON object); the OK payload, the JSON object of the outputs.
 
         `deadline` is the `loop.time()` value by which the answer is due, counting the wait for the instance.
+        `request_id` (1 to 32 of `[A-Za-z0-9_-]`) goes to the instance, which puts it on the log lines of the request.
         Raises CellExecutionError, OutputError, DeadlineExceeded, Unavailable or InternalError.
         """
+        if request_id is None:
+            kind, prefix = EXECUTE, b""
+        else:
+            prefix = request_id.encode() + b"\n"
+            assert REQUEST_ID.fullmatch(prefix, 0, len(prefix) - 1), f"request_id {request_id!r} is not valid"
+            kind = EXECUTE_ID
         self._outstanding += 1
         try:
             if not self._is_alive:
@@ -94,7 +101,7 @@ class Instance:
                 except Unavailable as exc:
                     raise NotStarted(exc.message) from exc
             try:
-                answer = await self._channel.submit(EXECUTE, input_json, deadline=deadline)
+                answer = await self._channel.submit(kind, input_json, deadline=deadline, prefix=prefix)
             except TimeoutError:
                 raise DeadlineExceeded(self._timed_out("the request was still waiting for the instance")) from None
             except ConnectionError as exc:

@@ -10,8 +10,13 @@ is ignored between requests); SIGTERM lets the current request finish, then clos
 exits 0. An instance whose parent process dies (the server, or the zygote it was forked from) exits the same way, so
 that no instance outlives its server.
 
+Besides the checkpoint, the launch spec may hold `"state"`, the state policy (`cellnode.runtime.executor`), and
+`"log_dir"`, `"log_max_bytes"` and `"log_backups"`: with a `log_dir`, the instance writes its output as log records
+to `<log_dir>/<instance_id>.log` (`cellnode.runtime.logs`); without one, to its stdout and stderr as they are.
+
 Exit codes: 0 after SIGTERM, 2 for a bad spec or socket, 3 for a corrupt blob, 4 when the checkpoint cannot be
-loaded (a missing module, a cell that does not compile); the reason is the last line on stderr.
+loaded (a missing module, a cell that does not compile); the reason is the last line on stderr (the last record of the
+log file once it is open).
 """
 
 from __future__ import annotations
@@ -26,10 +31,24 @@ import time
 import types
 from typing import Any
 
-from cellnode.runtime.executor import Executor, encode_message
+from cellnode.runtime.executor import Executor, encode_message, read_state
 from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
-from cellnode.runtime.protocol import EXECUTE, FAILURE, PING, PONG, recv_frame, send_frame
+from cellnode.runtime.logs import open_log
+from cellnode.runtime.protocol import (
+    EXECUTE,
+    EXECUTE_ID,
+    FAILURE,
+    PING,
+    PONG,
+    recv_frame,
+    send_frame,
+    split_request_id,
+)
 
+BAD_REQUEST_ID = encode_message(
+    "The EXECUTE_ID payload does not start with a request ID (1 to 32 of [A-Za-z0-9_-]) and a newline; the front "
+    "sent a bad frame."
+)
 USAGE = (
     "Usage: python -m cellnode.runtime SPEC_PATH (the launch spec JSON written by the backend), "
     "or python -m cellnode.runtime --zygote SPEC_PATH."
@@ -65,6 +84,7 @@ class InstanceServer:
         wakeup_r.setblocking(False)
         wakeup_w.setblocking(False)
         selector = selectors.DefaultSelector()
+        log = self.executor.log
         try:
             signal.signal(signal.SIGINT, self.executor.handle_sigint)
             signal.signal(signal.SIGTERM, self.handle_sigterm)
@@ -73,6 +93,8 @@ class InstanceServer:
             selector.register(wakeup_r, selectors.EVENT_READ, _WAKEUP)
             while not self.should_exit:
                 events = selector.select(PARENT_CHECK_INTERVAL)
+                if not events and log is not None:
+                    log.flush()  # Idle: what processes the cell started wrote to descriptors 1 and 2.
                 if not events and os.getppid() != self.parent_pid:
                     # Reparented while idle: the server died without stopping us (we run in a session of our own).
                     print(
@@ -114,12 +136,22 @@ class InstanceServer:
             frame = recv_frame(conn)
             if frame is not None:
                 kind, payload = frame
-                if kind == EXECUTE:
-                    answer = self.executor.execute(payload)
-                elif kind == PING:
+                if kind == EXECUTE_ID or kind == EXECUTE:
+                    try:
+                        if kind == EXECUTE:
+                            answer = self.executor.execute(payload)
+                        elif request := split_request_id(payload):
+                            answer = self.executor.execute(request[1], request[0])
+                        else:
+                            answer = (FAILURE, BAD_REQUEST_ID)
+                        send_frame(conn, *answer)
+                    finally:
+                        self.executor.finish()  # Its log lines, once the answer is on its way.
+                    return
+                if kind == PING:
                     answer = (PONG, b"")
                 else:
-                    message = f"Unknown frame kind {kind!r}; this instance understands EXECUTE and PING."
+                    message = f"Unknown frame kind {kind!r}; this instance understands EXECUTE, EXECUTE_ID and PING."
                     answer = (FAILURE, encode_message(message))
                 send_frame(conn, *answer)
                 return
@@ -137,15 +169,18 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         spec = read_spec(argv[0], "socket", str)
+        log = open_log(spec, str(spec.get("instance_id")))
+        state = read_state(spec)
         ns, code = load(spec)
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
         return exc.exit_code
-    executor = Executor(ns, code, spec.get("outputs", {}))
+    executor = Executor(ns, code, spec.get("outputs", {}), state=state, log=log)
     count = len(spec.get("variables", []))
     print(
         f"Instance {spec.get('instance_id')!r} of node {spec.get('node_id')!r} loaded {count} "
-        f"variable{'' if count == 1 else 's'} in {time.monotonic() - started:.2f} s; serving on {spec['socket']}.",
+        f"variable{'' if count == 1 else 's'} in {time.monotonic() - started:.2f} s; serving on {spec['socket']} "
+        f"(state policy {state!r}).",
         file=sys.stderr,
     )
     try:

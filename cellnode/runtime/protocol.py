@@ -7,8 +7,10 @@ payload. The front sends one request frame and waits for its one answer frame be
 (an instance runs one cell at a time). Payloads are UTF-8 JSON unless said otherwise.
 
 front -> instance:
-  EXECUTE   the input object, `{"name": value, ...}`, already checked against the declared input types
-  PING      empty; answered by PONG once the instance can execute
+  EXECUTE     the input object, `{"name": value, ...}`, already checked against the declared input types
+  EXECUTE_ID  the request ID (1 to 32 ASCII characters of `[A-Za-z0-9_-]`), a newline, then EXECUTE's payload: the
+              same request, whose log lines carry that ID (EXECUTE's carry `-`); the answer is the same
+  PING        empty; answered by PONG once the instance can execute
 
 instance -> front:
   OK            the output object, `{"name": value, ...}`, already checked against the declared output types
@@ -20,6 +22,10 @@ instance -> front:
 
 The same frames run the control connection between the backend and a zygote (`cellnode.runtime.zygote`), a socket
 pair the backend creates when it starts the zygote:
+
+Under the `fork` state policy an instance runs each request in a child process, which sends the instance, over a pipe,
+LOG frames (formatted log records, UTF-8 lines, to append to the instance's log file) and then exactly one of the
+answer frames above, and exits.
 
 zygote -> backend:
   READY     `{"pid": ..., "seconds": ...}`: the checkpoint is loaded and frozen; FORK requests may follow
@@ -37,6 +43,7 @@ backend -> zygote:
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 
@@ -44,6 +51,7 @@ HEADER = struct.Struct(">IB")
 MAX_PAYLOAD = 64 * 1024 * 1024
 
 EXECUTE = ord("E")
+EXECUTE_ID = ord("Q")
 PING = ord("P")
 OK = ord("O")
 PONG = ord("p")
@@ -55,15 +63,27 @@ READY = ord("R")
 FORK = ord("K")
 FORKED = ord("k")
 EXITED = ord("Z")
+LOG = ord("L")
+REQUEST_ID = re.compile(rb"[A-Za-z0-9_-]{1,32}")
 
 
 class ProtocolError(ConnectionError):
     """The peer sent something that is not a frame, or closed the connection mid-frame."""
 
 
-def encode(kind: int, payload: bytes = b"") -> bytes:
-    """One frame as bytes."""
+def encode(kind: int, payload: bytes = b"", prefix: bytes = b"") -> bytes:
+    """One frame as bytes; its payload is `prefix` then `payload` (joined here, so that they are copied once)."""
+    if prefix:
+        return b"".join((HEADER.pack(len(prefix) + len(payload), kind), prefix, payload))
     return HEADER.pack(len(payload), kind) + payload
+
+
+def split_request_id(payload: bytes) -> tuple[str, bytes] | None:
+    """The request ID and the input JSON of an EXECUTE_ID payload; None if the ID is missing or not valid."""
+    request_id, newline, body = payload.partition(b"\n")
+    if not newline or REQUEST_ID.fullmatch(request_id) is None:
+        return None
+    return request_id.decode("ascii"), body
 
 
 def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:

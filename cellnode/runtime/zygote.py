@@ -14,6 +14,9 @@ connections as soon as FORKED is sent. The child leads a session of its own (`ki
 ends what the cell started), gets back default signal dispositions for SIGCHLD and SIGTERM, keeps SIGINT ignored
 until `InstanceServer` sets its handler, closes every descriptor of the zygote's but its log, and serves.
 
+With a `"log_dir"` in the spec, the zygote writes its log records to `<log_dir>/<log_name>.log` (the spec's
+`"log_name"`, `zygote` by default) and each instance to `<log_dir>/<instance_id>.log` (`cellnode.runtime.logs`).
+
 The zygote stays single-threaded, so fork is safe. It reaps its children and reports each exit as EXITED. When its
 control connection closes (the backend released it, or the server died) or its parent is gone, it kills its
 instances and exits 0. On SIGTERM it passes SIGTERM to its instances, waits for them, and exits 0. An instance
@@ -35,9 +38,10 @@ import traceback
 import types
 from typing import Any, NoReturn
 
-from cellnode.runtime.executor import Executor
+from cellnode.runtime.executor import Executor, read_state
 from cellnode.runtime.instance import PARENT_CHECK_INTERVAL, InstanceServer, bind_socket, drain, read_spec
 from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
+from cellnode.runtime.logs import LogFile, log_file, open_log
 from cellnode.runtime.protocol import EXITED, FAILURE, FORK, FORKED, READY, recv_frame, send_frame
 
 USAGE = "Usage: python -m cellnode.runtime --zygote SPEC_PATH (the zygote spec JSON written by the local backend)."
@@ -89,6 +93,8 @@ class Zygote:
                     elif not self._handle_control():
                         is_connected = False
                 self._reap()
+                if self.executor.log is not None:
+                    self.executor.log.flush()
                 if not is_connected or os.getppid() != self.parent_pid:
                     if self.children:
                         print(
@@ -132,10 +138,16 @@ class Zygote:
             return _failure(f"The FORK payload is not valid ({exc}); the backend sent a bad frame.", EXIT_BAD_SPEC)
         if self.is_draining:
             return _failure(f"The zygote of node {self.node_id!r} is stopping (SIGTERM); start a new one.", 1)
+        log = self.executor.log
         try:
+            log_path = ""
+            if log is not None and isinstance(log.sink, LogFile):
+                log_path = log_file(os.path.dirname(log.sink.path), instance_id)
             listener = bind_socket(path)
         except LoadError as exc:
             return _failure(exc.message, exc.exit_code)
+        if log is not None:
+            log.flush(partial=True)  # The child must not inherit lines to write again.
         started = time.monotonic()
         gc.freeze()  # What the zygote made since the last fork: a collection in the child must not touch it either.
         try:
@@ -148,15 +160,20 @@ class Zygote:
             )
             return _failure(message, 1)
         if pid == 0:
-            self._become_instance(listener, instance_id, path, started)
+            self._become_instance(listener, instance_id, path, started, log_path)
         listener.close()
         self.children.add(pid)
         return FORKED, _encode({"pid": pid})
 
-    def _become_instance(self, listener: socket.socket, instance_id: str, path: str, started: float) -> NoReturn:
+    def _become_instance(
+        self, listener: socket.socket, instance_id: str, path: str, started: float, log_path: str
+    ) -> NoReturn:
         """The child's side of a fork: serve as an instance, then exit without returning into the zygote's loop."""
         code = 1
+        log = self.executor.log
         try:
+            if log is not None and isinstance(log.sink, LogFile):
+                log.reopen(instance_id, LogFile(log_path, max_bytes=log.sink.max_bytes, backups=log.sink.backups))
             os.setsid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -176,6 +193,8 @@ class Zygote:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
+                if log is not None:
+                    log.close()
             os._exit(code)
 
     def _reap(self) -> None:
@@ -226,11 +245,13 @@ def main(argv: list[str]) -> int:
     try:
         spec = read_spec(argv[0], "control_fd", int)
         control = _control_socket(spec["control_fd"])
+        log = open_log(spec, str(spec.get("log_name", "zygote")))
+        state = read_state(spec)
         ns, code = load(spec)
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
         return exc.exit_code
-    executor = Executor(ns, code, spec.get("outputs", {}))
+    executor = Executor(ns, code, spec.get("outputs", {}), state=state, log=log)
     node_id = str(spec.get("node_id"))
     gc.collect()
     gc.freeze()
@@ -239,7 +260,7 @@ def main(argv: list[str]) -> int:
     _name_process("cn-zygote")
     print(
         f"Zygote of node {node_id!r} loaded {count} variable{'' if count == 1 else 's'} in {seconds:.2f} s; "
-        f"forking instances on request (pid {os.getpid()}).",
+        f"forking instances on request (pid {os.getpid()}, state policy {state!r}).",
         file=sys.stderr,
     )
     try:

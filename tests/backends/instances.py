@@ -21,10 +21,20 @@ async def start_ready(
     timeout: float = 30.0,
 ) -> LocalInstanceHandle:
     """Start an instance of `launch` and wait until it answers PING."""
-    spec = InstanceSpec(launch["node_id"], instance_id, launch, log_path=tmp_path / "logs" / "node.log", env=env or {})
+    spec = InstanceSpec(launch["node_id"], instance_id, launch, log_path=log_dir(tmp_path), env=env or {})
     handle = await backend.start(spec)
     await handle.wait_ready(timeout)
     return handle
+
+
+def log_dir(tmp_path: Path) -> Path:
+    """The node's log directory that `start_ready` gives the backend."""
+    return tmp_path / "logs" / "n1"
+
+
+def read_logs(directory: Path) -> str:
+    """Every log file of a node's directory, rotated ones included, one after the other."""
+    return "".join(path.read_text() for path in sorted(directory.iterdir()))
 
 
 def parent_of(pid: int) -> int:

@@ -80,7 +80,7 @@ def test_corrupt_blob_fails_the_start(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with LocalBackend() as backend:
-            spec = InstanceSpec("n1", "i1", launch, log_path=tmp_path / "node.log")
+            spec = InstanceSpec("n1", "i1", launch, log_path=tmp_path / "logs")
             handle = await backend.start(spec)
             with pytest.raises(InstanceFailed) as caught:
                 await handle.wait_ready(30)
@@ -98,7 +98,7 @@ def test_corrupt_blob_fails_the_start(tmp_path: Path) -> None:
 def test_wait_ready_timeout_kills_the_instance(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with LocalBackend() as backend:
-            spec = InstanceSpec("n1", "i1", randomizer_spec(tmp_path), log_path=tmp_path / "node.log")
+            spec = InstanceSpec("n1", "i1", randomizer_spec(tmp_path), log_path=tmp_path / "logs")
             handle = await backend.start(spec)
             with pytest.raises(InstanceFailed, match="did not answer a PING within 0 s, so it was killed"):
                 await handle.wait_ready(0)
@@ -113,7 +113,7 @@ def test_wait_ready_timeout_kills_the_instance(tmp_path: Path) -> None:
 def test_missing_interpreter(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with LocalBackend(python=str(tmp_path / "no-python")) as backend:
-            spec = InstanceSpec("n1", "i1", randomizer_spec(tmp_path), log_path=tmp_path / "node.log")
+            spec = InstanceSpec("n1", "i1", randomizer_spec(tmp_path), log_path=tmp_path / "logs")
             with pytest.raises(InstanceFailed, match="could not be started with"):
                 await backend.start(spec)
 

@@ -17,7 +17,7 @@ import pytest
 from cellnode.backends.local import LocalBackend, LocalInstanceHandle
 from cellnode.router.channel import InstanceChannel
 from cellnode.runtime.protocol import EXECUTE, INTERRUPTED, OK
-from tests.backends.instances import is_alive, parent_of, socket_inodes, start_ready, wait_gone
+from tests.backends.instances import is_alive, log_dir, parent_of, read_logs, socket_inodes, start_ready, wait_gone
 from tests.runtime.checkpoints import launch_spec, randomizer_spec
 
 RANDOM_INPUT = json.dumps({"input_data": {"left_bound": 1, "right_bound": 10}}).encode()
@@ -65,7 +65,7 @@ def test_instances_of_a_node_share_one_zygote(tmp_path: Path) -> None:
             assert_random(await execute(third))
 
     asyncio.run(scenario())
-    log = (tmp_path / "logs" / "node.log").read_text()
+    log = read_logs(log_dir(tmp_path))
     assert log.count("loaded 5 variables") == 1, log
     assert log.count("forked from zygote") == 3, log
 
@@ -231,7 +231,7 @@ asyncio.run(main())
 
 @pytest.mark.slow
 def test_nothing_outlives_a_killed_server(tmp_path: Path) -> None:
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path / "node.log")], stdout=subprocess.PIPE)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path / "logs")], stdout=subprocess.PIPE)
     assert server.stdout is not None
     pids: set[int] = set()
     try:

@@ -13,7 +13,7 @@ import pytest
 from cellnode.backends.local import LocalBackend
 from cellnode.exceptions import CellExecutionError, DeadlineExceeded, InternalError, OutputError, Unavailable
 from cellnode.router.instance import Instance
-from tests.backends.instances import start_ready
+from tests.backends.instances import log_dir, read_logs, start_ready
 from tests.runtime.checkpoints import launch_spec, randomizer_spec
 
 RANDOM_INPUT = json.dumps({"input_data": {"left_bound": 1, "right_bound": 10}}).encode()
@@ -55,6 +55,22 @@ def test_randomizer_and_many_sequential_requests(tmp_path: Path) -> None:
             assert instance.outstanding == 0
 
     asyncio.run(scenario())
+
+
+def test_the_request_id_reaches_the_log_only(tmp_path: Path) -> None:
+    launch = launch_spec(tmp_path, "print('seen', x)\ny = x", inputs={"x": "int"}, outputs={"y": "int"})
+
+    async def scenario() -> None:
+        async with running(tmp_path, launch) as instance:
+            assert await instance.execute(b'{"x": 5}', deadline=deadline(5), request_id="a1B2_c-3") == b'{"y":5}'
+            assert await instance.execute(b'{"x": 6}', deadline=deadline(5)) == b'{"y":6}'
+            with pytest.raises(AssertionError, match="is not valid"):
+                await instance.execute(b'{"x": 7}', deadline=deadline(5), request_id="no spaces")
+
+    asyncio.run(scenario())
+    log = read_logs(log_dir(tmp_path))
+    assert " i1 a1B2_c-3 out seen 5\n" in log and " i1 - out seen 6\n" in log
+    assert "seen 7" not in log
 
 
 def test_cell_error(tmp_path: Path) -> None:
