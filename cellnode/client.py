@@ -152,6 +152,7 @@ class Client:
         instances: int | None = None,
         max_queue: int | None = None,
         spec: str | None = None,
+        state: str | None = None,
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
@@ -165,7 +166,13 @@ class Client:
             "folder_id": folder_id,
             "acl": acl,
         }
-        optional = (("timeout", timeout), ("instance_count", instances), ("max_queue", max_queue), ("spec", spec))
+        optional = (
+            ("timeout", timeout),
+            ("instance_count", instances),
+            ("max_queue", max_queue),
+            ("spec", spec),
+            ("state", state),
+        )
         for key, value in optional:
             if value is not None:
                 body[key] = value
@@ -192,7 +199,8 @@ class Client:
         self, ref: str, *, folder_id: str | None = None, wait: bool = True, wait_timeout: float = 300.0, **changes: Any
     ) -> dict[str, Any]:
         """Change a node: `name`, `description`, `checkpoint`, `inputs`, `outputs`, `acl`, `timeout`, `instances`,
-        `max_queue`, `spec`, `maintenance_limit`. With `wait`, return once every instance runs the new version."""
+        `max_queue`, `spec`, `state`, `maintenance_limit`. With `wait`, return once every instance runs the new
+        version."""
         if "instances" in changes:
             changes["instance_count"] = changes.pop("instances")
         for key in ("inputs", "outputs"):
@@ -255,6 +263,25 @@ class Client:
                 raise
             time.sleep(0.1)
         return node
+
+    def node_logs(
+        self,
+        ref: str,
+        *,
+        folder_id: str | None = None,
+        since: str | None = None,
+        instance: str | None = None,
+        tail: int = 100,
+    ) -> list[dict[str, Any]]:
+        """The node's log lines, oldest first: `time`, `instance_id`, `request_id`, `stream`, `text`."""
+        params: dict[str, str] = {"tail": str(tail)}
+        for key, value in (("folder_id", folder_id), ("since", since), ("instance", instance)):
+            if value:
+                params[key] = value
+        lines: list[dict[str, Any]] = self._request(
+            "GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}/logs", params=params
+        )["lines"]
+        return lines
 
     def node_openapi(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
         return self._request("GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}/openapi.json", params=_folder(folder_id))

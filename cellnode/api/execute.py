@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ NODE_PREFIX = "/datasphere/v1/nodes/"
 MANAGEMENT_PREFIX = "/cellnode/v1/"
 # How many instances a request may try when the ones it was given died before it reached them.
 MAX_ATTEMPTS = 3
+# The scope key of the request's ID: sent to the instance for its log lines, and back as `x-request-id`.
+REQUEST_ID = "cellnode.request_id"
 # Notebooks can carry outputs (images), so the management API allows more than the 16 MB of an execute call.
 MAX_MANAGEMENT_BYTES = 64 * 1024 * 1024
 EXECUTE_SUFFIX = ":execute"
@@ -61,7 +64,7 @@ async def execute_node(request: Request) -> Response:
     if type(inputs) is not dict:
         raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
     del caller  # the IAM issue checks the caller's role on the folder here
-    return await _run(svc, node_id, folder_id, inputs)
+    return await _run(svc, node_id, folder_id, inputs, request.scope[REQUEST_ID])
 
 
 async def execute_by_header(request: Request) -> Response:
@@ -82,7 +85,7 @@ async def execute_by_header(request: Request) -> Response:
         raise InvalidArgument(f"The request body must be a JSON object of input variables; got {type_name(inputs)}.")
     del caller
     # The body is the input object itself, checked above: the instance gets it as it came.
-    return await _run(svc, node_id, request.headers.get("x-folder-id"), inputs, body)
+    return await _run(svc, node_id, request.headers.get("x-folder-id"), inputs, request.scope[REQUEST_ID], body)
 
 
 async def read_body(request: Request) -> bytes:
@@ -99,7 +102,7 @@ async def read_body(request: Request) -> bytes:
 
 
 async def _run(
-    svc: Services, node_id: str, folder_id: Any, inputs: dict[str, Any], raw: bytes | None = None
+    svc: Services, node_id: str, folder_id: Any, inputs: dict[str, Any], request_id: str, raw: bytes | None = None
 ) -> Response:
     route = svc.table.get(node_id)
     _check_folder(route, folder_id)
@@ -108,7 +111,7 @@ async def _run(
     deadline = asyncio.get_running_loop().time() + route.timeout
     for attempt in range(MAX_ATTEMPTS):
         try:
-            output = await route.choose().execute(payload, deadline=deadline)
+            output = await route.choose().execute(payload, deadline=deadline, request_id=request_id)
             return Response(b'{"output":' + output + b"}", media_type="application/json")
         except NotStarted:
             # The instance died before the request reached it: nothing ran, so another instance may take it.
@@ -195,6 +198,8 @@ class ExecuteFront:
         scope["app"] = self.app
         request = Request(scope, receive)
         started = time.perf_counter()
+        if handler is not None:
+            scope[REQUEST_ID] = os.urandom(8).hex()
         try:
             if handler is not None:
                 response = await handler(request)
@@ -211,6 +216,8 @@ class ExecuteFront:
         except Exception:
             logger.exception("Unexpected error on %s %s", scope["method"], path)
             response = error_response(InternalError("Internal error; the server log has the details."))
+        if handler is not None:
+            response.headers["x-request-id"] = scope[REQUEST_ID]
         await response(scope, receive, send)
         _observe(request, path, response.status_code, started)
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cellnode.api.checkpoints import find_checkpoint
 from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
-from cellnode.api.schemas import InstanceOut, NodeCreate, NodeList, NodeOut, NodeUpdate, VariableDecl
+from cellnode.api.schemas import InstanceOut, LogLine, LogList, NodeCreate, NodeList, NodeOut, NodeUpdate, VariableDecl
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Instance, Node
 from cellnode.supervisor.specs import check_spec
+from cellnode.telemetry.logs import MAX_TAIL, read_logs
 
 router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
 
@@ -49,6 +50,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             timeout=body.timeout,
             instance_count=body.instance_count,
             spec=body.spec,
+            state=body.state,
             max_queue=body.max_queue,
             cell_code=cell_code,
             uses_ipython=uses_ipython,
@@ -127,6 +129,8 @@ def update_node(
         if body.spec is not None and body.spec != node.spec:
             check_spec(svc.specs, body.spec, svc.gpus)
             node.spec, rolls = body.spec, True
+        if body.state is not None and body.state != node.state:
+            node.state, rolls = body.state, True
         if body.acl is not None:
             folder = session.get(Folder, node.folder_id)
             assert folder is not None
@@ -165,6 +169,24 @@ def _set_suspended(svc: Services, caller: Caller, ref: str, folder_id: str | Non
         out = node_out(session, node)
     svc.supervisor.notify()
     return out
+
+
+@router.get("/{ref}/logs", response_model=LogList)
+def get_node_logs(
+    ref: str,
+    svc: ServicesDep,
+    caller: CallerDep,
+    folder_id: str | None = None,
+    since: str | None = None,
+    instance: str | None = None,
+    tail: int = Query(100, ge=1, le=MAX_TAIL),
+) -> LogList:
+    """The node's instance output (the cell's prints included), oldest first: each line with its time, instance and
+    request ID. `since` is an ISO 8601 UTC time such as `2026-11-24T01:50:00Z`."""
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id)
+    records = read_logs(svc.settings.data_dir / "logs" / node.id, since=since, instance_id=instance, tail=tail)
+    return LogList(node_id=node.id, lines=[LogLine(**vars(record)) for record in records])
 
 
 @router.get("/{ref}/openapi.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keyword
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,12 @@ def _identifier(value: str) -> str:
 
 
 ResourceName = Annotated[str, AfterValidator(_resource_name)]
+StatePolicy = Literal["isolated", "persistent", "fork"]
+STATE_HELP = (
+    "What a request may leave behind: 'isolated' (default; top-level bindings restored after each request), "
+    "'persistent' (changes stay on the instance, as on the reference platform), 'fork' (each request runs in a "
+    "child process: nothing leaks)."
+)
 Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
@@ -113,6 +119,7 @@ class NodeCreate(BaseModel):
     timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
     instance_count: int = Field(1, ge=1, le=64, description="Instances to run; each serves one request at a time.")
     spec: str = Field("c1.4", description="Instance spec from the server's table ('cellnode spec list').")
+    state: StatePolicy = Field("isolated", description=STATE_HELP)
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
     )
@@ -131,6 +138,7 @@ class NodeUpdate(BaseModel):
     instance_count: int | None = Field(None, ge=1, le=64)
     max_queue: int | None = Field(None, ge=0, le=100_000)
     spec: str | None = None
+    state: StatePolicy | None = Field(None, description=STATE_HELP)
     maintenance_limit: int | None = Field(None, ge=1, le=64, description="Instances replaced at once in a roll.")
 
 
@@ -160,6 +168,7 @@ class NodeOut(_Out):
     instance_count: int
     max_queue: int
     spec: str
+    state: str
     generation: int
     maintenance_limit: int
     status: str
@@ -200,3 +209,16 @@ class UsageOut(BaseModel):
 class UsageList(BaseModel):
     since: datetime | None
     usage: list[UsageOut]
+
+
+class LogLine(BaseModel):
+    time: str
+    instance_id: str
+    request_id: str
+    stream: str
+    text: str
+
+
+class LogList(BaseModel):
+    node_id: str
+    lines: list[LogLine]

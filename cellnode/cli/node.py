@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 import typer
 
 from cellnode.cli._common import FolderOption, JsonOption, client, emit, fields, table
+from cellnode.cli.usage import parse_since
 from cellnode.runtime.variables import TYPES
+from cellnode.telemetry.logs import MAX_TAIL
 
 app = typer.Typer(help="Nodes: deployed cells, served as authenticated APIs.", no_args_is_help=True)
 
@@ -42,6 +45,7 @@ def _show(node: dict[str, Any]) -> None:
             ("acl", "ACL"),
             ("timeout", "Timeout, s"),
             ("spec", "Spec"),
+            ("state", "State"),
             ("instance_count", "Instances"),
             ("max_queue", "Queue"),
             ("description", "Description"),
@@ -84,6 +88,10 @@ def create(
     spec: Annotated[
         str | None, typer.Option(help="Instance spec ('cellnode spec list'): vCPUs, RAM, GPUs. Default: c1.4.")
     ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="isolated (default: bindings restored per request), persistent (changes stay), fork."),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -107,6 +115,7 @@ def create(
             instances=instances,
             max_queue=max_queue,
             spec=spec,
+            state=state,
             wait=wait,
         )
     emit(node, as_json, _show)
@@ -170,6 +179,7 @@ def update(
     instances: Annotated[int | None, typer.Option(help="Instances to run.")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests that may wait when all instances are busy.")] = None,
     spec: Annotated[str | None, typer.Option(help="Instance spec (rolls the instances).")] = None,
+    state: Annotated[str | None, typer.Option(help="isolated, persistent or fork (rolls the instances).")] = None,
     maintenance_limit: Annotated[int | None, typer.Option(help="Instances replaced at once in a roll.")] = None,
     folder: FolderOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until every instance runs the new version.")] = True,
@@ -190,6 +200,7 @@ def update(
         "instances": instances,
         "max_queue": max_queue,
         "spec": spec,
+        "state": state,
         "maintenance_limit": maintenance_limit,
     }
     with client() as api:
@@ -248,6 +259,45 @@ def execute(
     with client() as api:
         output = api.execute(node, variables, folder_id=folder)
     typer.echo(json.dumps({"output": output}, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def logs(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    follow: Annotated[bool, typer.Option("--follow", "-F", help="Keep printing new lines until Ctrl-C.")] = False,
+    since: Annotated[str | None, typer.Option(help="Only lines from this long ago: 90s, 30m, 12h, 7d.")] = None,
+    instance: Annotated[str | None, typer.Option(help="Only this instance's lines.")] = None,
+    tail: Annotated[int, typer.Option(help="How many of the last lines to print first.")] = 100,
+    folder: FolderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a node's log: its instances' output, the cell's prints included, with time, instance and request ID.
+
+    Example: cellnode node logs randomizer-node --since 10m --follow
+    """
+    start = parse_since(since).strftime("%Y-%m-%dT%H:%M:%S.000Z") if since else None
+    seen: set[tuple[str, ...]] = set()
+    with client() as api:
+        while True:
+            lines = api.node_logs(node, folder_id=folder, since=start, instance=instance, tail=tail)
+            for line in lines:
+                key = (line["time"], line["instance_id"], line["request_id"], line["stream"], line["text"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                if as_json:
+                    typer.echo(json.dumps(line))
+                else:
+                    typer.echo(
+                        f"{line['time']} {line['instance_id']} {line['request_id']} {line['stream']} {line['text']}"
+                    )
+            if not follow:
+                return
+            if lines:
+                start = lines[-1]["time"]
+                seen = {key for key in seen if key[0] >= start}
+            tail = MAX_TAIL
+            time.sleep(1)
 
 
 @app.command()

@@ -146,6 +146,7 @@ class Node(Base):
     # Bumped by a change that needs new instances (checkpoint, variables, spec); instances of an older one roll.
     generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     maintenance_limit: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    state: Mapped[str] = mapped_column(String(16), default="isolated", server_default="isolated")
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")

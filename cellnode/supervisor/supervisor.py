@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -450,12 +451,13 @@ class Supervisor:
             "outputs": {v["name"]: v["type"] for v in node.outputs},
             "variables": variables,
             "imports": imports,
+            "state": node.state,
         }
         return InstanceSpec(
             node_id=node.id,
             instance_id=instance_id,
             launch=launch,
-            log_path=self._logs_dir / f"{node.id}.log",
+            log_path=self._logs_dir / node.id,
             env=spec.environment(self._cpus),
         )
 
@@ -534,6 +536,7 @@ class Supervisor:
                     session.delete(node)
 
         await asyncio.to_thread(drop)
+        await asyncio.to_thread(shutil.rmtree, self._logs_dir / node_id, True)
         logger.info("Node %s deleted.", node_id)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
