@@ -38,28 +38,17 @@ import numpy as np
 
 from cellnode.backends.base import InstanceSpec
 from cellnode.backends.local import LocalBackend
+from cellnode.checkpoint.notebook import code_cells, read_notebook
 from cellnode.router.instance import Instance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "state_policies.json"
 POLICIES = ("isolated", "persistent", "fork")
 WARMUP = 200
-RANDOMIZER_SETUP = "input_data = dict(left_bound=1, right_bound=10)\n"
-RANDOMIZER_CELL = """\
-from random import randint
-from random import seed
-
-seed()
-
-def generate_value(input_data):
-    return dict(generated_value=randint(
-        input_data["left_bound"],
-        input_data["right_bound"]
-    ))
-
-output_data = generate_value(input_data)
-print(output_data)
-"""
+# The reference randomizer, as the example notebook has it.
+RANDOMIZER_SETUP, RANDOMIZER_CELL = code_cells(
+    read_notebook((ROOT / "examples" / "randomizer.ipynb").read_bytes(), "randomizer.ipynb")
+)
 BIG_CELL = "y = float(big[x])"
 
 

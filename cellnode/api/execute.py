@@ -12,12 +12,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from cellnode.api.deps import Services
 from cellnode.api.errors import error_response
@@ -178,64 +180,71 @@ class ExecuteFront:
     so that other methods on these paths get FastAPI's answers.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        handler = _execute_handler(scope) if scope["type"] == "http" else None
+        if handler is None:
+            if scope["type"] == "http" and scope["path"].startswith(MANAGEMENT_PREFIX):
+                # Before FastAPI reads (and parses) any body: who is asking, and how much they send.
+                refused = await _guard_management(Request(scope, receive), self.app)
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        if scope["method"] != "POST":
-            handler = None
-        elif path == "/":
-            handler = execute_by_header
-        elif path.startswith(NODE_PREFIX) and path.endswith(EXECUTE_SUFFIX) and "/" not in path[len(NODE_PREFIX) :]:
-            handler = execute_node
-            scope["path_params"] = {"node_id": path[len(NODE_PREFIX) : -len(EXECUTE_SUFFIX)]}
-        else:
-            handler = None
         scope["app"] = self.app
+        scope[REQUEST_ID] = request_id = os.urandom(8).hex()
         request = Request(scope, receive)
         started = time.perf_counter()
-        if handler is not None:
-            scope[REQUEST_ID] = os.urandom(8).hex()
         try:
-            if handler is not None:
-                response = await handler(request)
-            elif path.startswith(MANAGEMENT_PREFIX):
-                # Before FastAPI reads (and parses) any body: who is asking, and how much they send.
-                await _guard_management(request)
-                await self.app(scope, receive, send)
-                return
-            else:
-                await self.app(scope, receive, send)
-                return
+            response = await handler(request)
         except APIError as exc:
             response = error_response(exc)
         except Exception:
-            logger.exception("Unexpected error on %s %s", scope["method"], path)
+            logger.exception("Unexpected error on POST %s", scope["path"])
             response = error_response(InternalError("Internal error; the server log has the details."))
-        if handler is not None:
-            response.headers["x-request-id"] = scope[REQUEST_ID]
+        response.headers["x-request-id"] = request_id
         await response(scope, receive, send)
-        _observe(request, path, response.status_code, started)
+        _observe(request, scope["path"], response.status_code, started)
+
+
+def _execute_handler(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
+    """The execute endpoint a request is for, if any (setting its `node_id` path parameter)."""
+    if scope["method"] != "POST":
+        return None
+    path: str = scope["path"]
+    if path == "/":
+        return execute_by_header
+    node_id = path[len(NODE_PREFIX) : -len(EXECUTE_SUFFIX)]
+    if path.startswith(NODE_PREFIX) and path.endswith(EXECUTE_SUFFIX) and node_id and "/" not in node_id:
+        scope["path_params"] = {"node_id": node_id}
+        return execute_node
+    return None
+
+
+async def _guard_management(request: Request, app: FastAPI) -> Response | None:
+    """The error answer for a management request without a valid credential or over the size limit, else None."""
+    svc: Services = app.state.services
+    try:
+        await svc.auth.authenticate(request.headers.get("authorization"))
+    except APIError as exc:
+        return error_response(exc)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_MANAGEMENT_BYTES:
+        return error_response(
+            PayloadTooLarge(
+                f"The request body is {int(declared)} bytes, over the {MAX_MANAGEMENT_BYTES // 2**20} MB limit of "
+                "the management API. Send a smaller notebook (clear its outputs), or split the work."
+            )
+        )
+    return None
 
 
 def _observe(request: Request, path: str, code: int, started: float) -> None:
     """Count an execute request in the node metrics, if it named a node that exists."""
     svc: Services = request.app.state.services
-    node_id = request.path_params.get("node_id") if path != "/" else request.headers.get("x-node-id")
+    node_id = request.headers.get("x-node-id") if path == "/" else request.path_params.get("node_id")
     if node_id and svc.table.find(node_id) is not None:
         svc.metrics.observe(node_id, path, code, (time.perf_counter() - started) * 1000)
-
-
-async def _guard_management(request: Request) -> None:
-    svc: Services = request.app.state.services
-    await svc.auth.authenticate(request.headers.get("authorization"))
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_MANAGEMENT_BYTES:
-        raise PayloadTooLarge(
-            f"The request body is {int(declared)} bytes, over the {MAX_MANAGEMENT_BYTES // 2**20} MB limit of the "
-            "management API. Send a smaller notebook (clear its outputs), or split the work."
-        )

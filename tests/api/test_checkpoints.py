@@ -79,8 +79,9 @@ def test_percent_script_and_cell_choice(own: Client, tmp_path: Path) -> None:
     assert {v["name"] for v in checkpoint["variables"]} == {"scale", "apply"}
     with pytest.raises(InvalidArgument, match="out of range: the notebook has 3 code cells"):
         own.create_checkpoint(script, cell=7)
+    (tmp_path / "notes.txt").write_text("x = 1")
     with pytest.raises(InvalidArgument, match="notes.txt"):
-        own.create_checkpoint(tmp_path / "notes.txt") if (tmp_path / "notes.txt").write_text("x") else None
+        own.create_checkpoint(tmp_path / "notes.txt")
     own.delete_checkpoint("pipeline")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cellnode.client import Client
-from cellnode.exceptions import FailedPrecondition, InvalidArgument
+from cellnode.exceptions import ConfigError, FailedPrecondition, InvalidArgument
 from cellnode.supervisor.specs import REFERENCE_SPECS, load_specs
 from tests.helpers import ServerProcess, notebook
 
@@ -74,5 +74,5 @@ def test_a_site_spec_table(tmp_path: Path) -> None:
     specs = load_specs(table)
     assert specs["tiny"].gpus == 0 and specs["tiny"].environment(4)["OMP_NUM_THREADS"] == "1"
     table.write_text('{"tiny": {}}')
-    with pytest.raises(Exception, match="CELLNODE_SPECS_FILE"):
+    with pytest.raises(ConfigError, match="CELLNODE_SPECS_FILE"):
         load_specs(table)
