@@ -217,12 +217,10 @@ class Client:
             current = [i for i in found["instances"] if i["generation"] == found["generation"]]
             if found["status"] == "HEALTHY" and len(found["instances"]) == len(current) == found["instance_count"]:
                 return found
-            if time.monotonic() > deadline or (
-                found["status"] in ("UNHEALTHY", "FAILED") and "Update" in found["status_message"]
-            ):
+            if found["rollout_error"] or time.monotonic() > deadline:
                 raise InternalError(
-                    f"Node {found['name']!r} ({found['id']}) did not finish its update: {found['status']}. "
-                    f"{found['status_message']}"
+                    f"Node {found['name']!r} ({found['id']}) did not finish its update: "
+                    f"{found['rollout_error'] or found['status'] + '. ' + found['status_message']}"
                 )
             time.sleep(0.1)
 

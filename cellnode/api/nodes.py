@@ -141,6 +141,7 @@ def update_node(
                 setattr(node, key, value)
         if rolls:
             node.generation += 1
+            node.rollout_error = ""  # a new roll starts clean
         session.flush()
         out = node_out(session, node)
     svc.supervisor.notify()

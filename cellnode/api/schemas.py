@@ -171,6 +171,7 @@ class NodeOut(_Out):
     state: str
     generation: int
     maintenance_limit: int
+    rollout_error: str = Field("", description="Why the roll to `generation` stopped; the previous version serves.")
     status: str
     status_message: str
     instances: list[InstanceOut] = Field(default_factory=list, description="Each running instance, as observed.")

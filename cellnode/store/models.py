@@ -147,6 +147,8 @@ class Node(Base):
     generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     maintenance_limit: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     state: Mapped[str] = mapped_column(String(16), default="isolated", server_default="isolated")
+    # Observed: why the roll to `generation` stopped (empty while none failed); the previous version keeps serving.
+    rollout_error: Mapped[str] = mapped_column(Text, default="", server_default="")
     cell_code: Mapped[str] = mapped_column(Text)  # the deployed cell, IPython syntax transformed
     uses_ipython: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default="CREATED")

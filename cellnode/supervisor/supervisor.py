@@ -216,6 +216,7 @@ class Supervisor:
             state.failed_generation = node.generation
             slot.last_error = f"Update to generation {node.generation} failed: {exc}"
             logger.error("Node %s: %s The previous version keeps serving.", node.id, slot.last_error)
+            await asyncio.to_thread(self._write_rollout_error, node.id, slot.last_error)
             await self._set_status(node.id, "UNHEALTHY", slot.last_error + " The previous version keeps serving.")
             return
         if self._closing or state.slots.get(slot.index) is not slot:
@@ -300,6 +301,10 @@ class Supervisor:
                 session.add(row)
             row.status, row.status_since, row.pid = status, utcnow(), pid
             row.restarts, row.last_error, row.generation = slot.restarts, slot.last_error, slot.generation
+
+    def _write_rollout_error(self, node_id: str, error: str) -> None:
+        with self._db.session() as session:
+            session.execute(update(Node).where(Node.id == node_id).values(rollout_error=error))
 
     def _write_instance_status(self, instance_id: str, status: str) -> None:
         with self._db.session() as session:

@@ -88,3 +88,27 @@ def test_scaling_up_and_down(client: Client, randomizer: dict[str, Any]) -> None
         time.sleep(0.1)
         shrunk = client.get_node("randomizer-node")
     assert shrunk["instances"][0]["slot"] == 0
+
+
+def test_a_failed_roll_keeps_the_previous_version(server: ServerProcess, client: Client, tmp_path: Path) -> None:
+    from cellnode.exceptions import InternalError
+
+    client.create_checkpoint(
+        notebook(tmp_path, "version = 1\nx = 1", "answer = version * x", name="a.ipynb"), name="ok-v1"
+    )
+    bad = client.create_checkpoint(
+        notebook(tmp_path, f"version = '{tmp_path.name}'\nx = 1", "answer = 0", name="b.ipynb"), name="bad-v2"
+    )
+    sha = next(v["sha256"] for v in bad["variables"] if v["name"] == "version")
+    (server.data_dir / "blobs" / "sha256" / sha[:2] / sha).write_bytes(b"corrupt")
+    client.create_node("failroll-node", checkpoint="ok-v1", inputs={"x": "int"}, outputs={"answer": "int"})
+    started = time.monotonic()
+    with pytest.raises(InternalError, match="Update to generation 2 failed: .*corrupt"):
+        client.update_node("failroll-node", checkpoint="bad-v2")
+    assert time.monotonic() - started < 60, "a failed roll is reported, not waited out"
+    found = client.get_node("failroll-node")
+    assert "version" in found["rollout_error"] and found["generation"] == 2
+    assert client.execute("failroll-node", {"x": 5}) == {"answer": 5}, "the previous version keeps serving"
+    client.delete_node("failroll-node")
+    client.delete_checkpoint("ok-v1")
+    client.delete_checkpoint("bad-v2")
