@@ -150,13 +150,21 @@ class Client:
         acl: list[str] | None = None,
         timeout: float | None = None,
         instances: int | None = None,
+        min_instances: int | None = None,
+        max_instances: int | None = None,
         max_queue: int | None = None,
         spec: str | None = None,
+        zones: list[str] | None = None,
+        maintenance_limit: int | None = None,
         state: str | None = None,
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
-        """Create a cell node; with `wait`, return once it is HEALTHY (or raise if it FAILED)."""
+        """Create a cell node; with `wait`, return once it is HEALTHY (or raise if it FAILED).
+
+        `instances` fixes the number of instances; `min_instances`/`max_instances` let the autoscaler move it.
+        `zones` are `ZONE` or `ZONE:SUBNET` strings; instances are spread over them in turn.
+        """
         body: dict[str, Any] = {
             "name": name,
             "checkpoint": checkpoint,
@@ -169,8 +177,12 @@ class Client:
         optional = (
             ("timeout", timeout),
             ("instance_count", instances),
+            ("min_instances", min_instances),
+            ("max_instances", max_instances),
             ("max_queue", max_queue),
             ("spec", spec),
+            ("zones", _zones(zones)),
+            ("maintenance_limit", maintenance_limit),
             ("state", state),
         )
         for key, value in optional:
@@ -198,11 +210,16 @@ class Client:
     def update_node(
         self, ref: str, *, folder_id: str | None = None, wait: bool = True, wait_timeout: float = 300.0, **changes: Any
     ) -> dict[str, Any]:
-        """Change a node: `name`, `description`, `checkpoint`, `inputs`, `outputs`, `acl`, `timeout`, `instances`,
-        `max_queue`, `spec`, `state`, `maintenance_limit`. With `wait`, return once every instance runs the new
-        version."""
+        """Change a node: `name`, `description`, `move_to` (a folder), `checkpoint`, `inputs`, `outputs`, `acl`,
+        `timeout`, `instances`, `min_instances`, `max_instances`, `max_queue`, `spec`, `zones`, `state`,
+        `maintenance_limit`. `folder_id` is where to find the node by name. With `wait`, return once every instance
+        runs the new version."""
         if "instances" in changes:
             changes["instance_count"] = changes.pop("instances")
+        if "move_to" in changes:
+            changes["folder_id"] = changes.pop("move_to")
+        if changes.get("zones") is not None:
+            changes["zones"] = _zones(changes["zones"])
         for key in ("inputs", "outputs"):
             if changes.get(key) is not None:
                 changes[key] = _variables(changes[key])
@@ -215,7 +232,11 @@ class Client:
         while True:
             found = self.get_node(node["id"])
             current = [i for i in found["instances"] if i["generation"] == found["generation"]]
-            if found["status"] == "HEALTHY" and len(found["instances"]) == len(current) == found["instance_count"]:
+            if (
+                found["status"] == "HEALTHY"
+                and len(found["instances"]) == len(current) == found["instance_count"]
+                and all(i["status"] == "HEALTHY" for i in current)
+            ):
                 return found
             if found["rollout_error"] or time.monotonic() > deadline:
                 raise InternalError(
@@ -351,3 +372,10 @@ def _variables(variables: Variables) -> list[dict[str, str]]:
             name, kind = item
             result.append({"name": name, "type": kind})
     return result
+
+
+def _zones(zones: list[str] | None) -> list[dict[str, str]] | None:
+    """`ZONE` or `ZONE:SUBNET` strings as the API's zone objects."""
+    if zones is None:
+        return None
+    return [dict(zip(("zone", "subnet"), text.split(":", 1), strict=False)) for text in zones]

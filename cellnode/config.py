@@ -51,6 +51,26 @@ class Settings(BaseSettings):
     liveness_timeout: float = Field(
         10.0, gt=0, description="Seconds an idle instance may take to answer a liveness check before it is replaced."
     )
+    overcommit: bool = Field(
+        True,
+        description="Let instances' specs add up to more CPU and memory than this machine has (so c1.4 runs on a "
+        "laptop). Off: a node whose instances (at their maximum count) would not fit is refused. Defaults to on.",
+    )
+    autoscale_target: float = Field(
+        0.8, gt=0, le=1, description="Busy fraction the autoscaler aims for per instance. Defaults to 0.8."
+    )
+    scale_up_cooldown: float = Field(
+        6.0, gt=0, description="Seconds of load the autoscaler averages to add instances, and waits between changes."
+    )
+    scale_down_cooldown: float = Field(
+        60.0, gt=0, description="Seconds of load it averages to remove instances, and waits after any change."
+    )
+    log_retention_hours: float = Field(
+        168.0, gt=0, description="Hours an ended instance's log files are kept. Defaults to 168 (7 days)."
+    )
+    log_max_mb: int = Field(
+        200, ge=1, description="MB of log files kept per node; the oldest ended instances' go first. Default 200."
+    )
     idle_timeout: int = Field(
         300, ge=1, le=86_400, description="Seconds an idle client connection stays open. Defaults to 300."
     )

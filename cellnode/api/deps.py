@@ -39,6 +39,7 @@ class Services:
     metrics: Metrics
     specs: dict[str, Spec]  # the instance spec table in force
     gpus: int  # GPUs on this machine, counted at start
+    zones: tuple[str, ...]  # of the backend
 
 
 def services(request: Request) -> Services:

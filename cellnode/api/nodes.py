@@ -11,12 +11,22 @@ from sqlalchemy.orm import Session
 from cellnode.api.checkpoints import find_checkpoint
 from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
-from cellnode.api.schemas import InstanceOut, LogLine, LogList, NodeCreate, NodeList, NodeOut, NodeUpdate, VariableDecl
+from cellnode.api.schemas import (
+    InstanceOut,
+    LogLine,
+    LogList,
+    NodeCreate,
+    NodeList,
+    NodeOut,
+    NodeUpdate,
+    VariableDecl,
+    ZoneDecl,
+)
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.credentials import Caller
-from cellnode.store.models import Checkpoint, Folder, Instance, Node
-from cellnode.supervisor.specs import check_spec
+from cellnode.store.models import Checkpoint, Folder, Instance, Node, Usage, utcnow
+from cellnode.supervisor.specs import check_spec, machine_capacity
 from cellnode.telemetry.logs import MAX_TAIL, read_logs
 
 router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
@@ -37,6 +47,9 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
                 f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
             )
         check_spec(svc.specs, body.spec, svc.gpus)
+        count, low, high = instance_range(body, None)
+        zones = check_zones(body.zones, svc.zones)
+        check_capacity(session, svc, body.spec, high, None)
         cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
         acl = _check_acl(session, body.acl, folder)
         node = Node(
@@ -48,7 +61,11 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             outputs=[v.model_dump() for v in body.outputs],
             acl=acl,
             timeout=body.timeout,
-            instance_count=body.instance_count,
+            instance_count=count,
+            min_instances=low,
+            max_instances=high,
+            zones=zones,
+            maintenance_limit=body.maintenance_limit,
             spec=body.spec,
             state=body.state,
             max_queue=body.max_queue,
@@ -101,6 +118,8 @@ def update_node(
         node = find_node(session, svc, caller, ref, folder_id)
         if node.status == "DELETING":
             raise FailedPrecondition(f"Node {node.id!r} is being deleted; it cannot be updated.")
+        if body.folder_id is not None and body.folder_id != node.folder_id:
+            _move(session, svc, caller, node, body.folder_id)
         if body.name is not None and body.name != node.name:
             taken = session.scalar(select(Node.id).where(Node.folder_id == node.folder_id, Node.name == body.name))
             if taken is not None:
@@ -129,13 +148,21 @@ def update_node(
         if body.spec is not None and body.spec != node.spec:
             check_spec(svc.specs, body.spec, svc.gpus)
             node.spec, rolls = body.spec, True
+        if body.zones is not None:
+            zones = check_zones(body.zones, svc.zones)
+            if zones != node.zones:
+                node.zones, rolls = zones, True
+        if body.fields_set_scaling():
+            node.instance_count, node.min_instances, node.max_instances = instance_range(body, node)
+        if body.spec is not None or body.fields_set_scaling():
+            check_capacity(session, svc, node.spec, node.max_instances, node.id)
         if body.state is not None and body.state != node.state:
             node.state, rolls = body.state, True
         if body.acl is not None:
             folder = session.get(Folder, node.folder_id)
             assert folder is not None
             node.acl = _check_acl(session, body.acl, folder)
-        for key in ("description", "timeout", "instance_count", "max_queue", "maintenance_limit"):
+        for key in ("description", "timeout", "max_queue", "maintenance_limit"):
             value = getattr(body, key)
             if value is not None:
                 setattr(node, key, value)
@@ -165,6 +192,8 @@ def _set_suspended(svc: Services, caller: Caller, ref: str, folder_id: str | Non
         node = find_node(session, svc, caller, ref, folder_id)
         if node.status == "DELETING":
             raise FailedPrecondition(f"Node {node.id!r} is being deleted; it can be neither suspended nor resumed.")
+        if not suspended and node.suspended:
+            check_capacity(session, svc, node.spec, node.max_instances, node.id)
         node.suspended = suspended
         session.flush()
         out = node_out(session, node)
@@ -260,6 +289,90 @@ def check_variables(
                 "capture the checkpoint again."
             )
     return cell_code, analysis.uses_ipython
+
+
+def instance_range(body: NodeCreate | NodeUpdate, node: Node | None) -> tuple[int, int, int]:
+    """The (count now, min, max) a request asks for: a fixed count, or a range the count is kept within."""
+    if body.instance_count is not None:
+        return body.instance_count, body.instance_count, body.instance_count
+    low = body.min_instances if body.min_instances is not None else (node.min_instances if node else 1)
+    high = body.max_instances if body.max_instances is not None else (node.max_instances if node else max(low, 1))
+    if low > high:
+        given = "min_instances" if body.min_instances is not None else "max_instances"
+        raise InvalidArgument(
+            f"{given} would make the range {low}..{high}: min_instances ({low}) must be at most max_instances "
+            f"({high}). Give both, for example --min-instances {min(low, high)} --max-instances {max(low, high)}."
+        )
+    count = node.instance_count if node is not None else low
+    return min(max(count, low), high), low, high
+
+
+def check_zones(zones: list[ZoneDecl] | None, available: tuple[str, ...]) -> list[dict[str, str]]:
+    """The zones as stored; every zone of the backend when none is given."""
+    if zones is None:
+        return [{"zone": zone, "subnet": ""} for zone in available]
+    for decl in zones:
+        if decl.zone not in available:
+            raise InvalidArgument(
+                f"Zone {decl.zone!r} is not a zone of this server; its backend has {', '.join(available)}. "
+                f"Use --zone {available[0]} (or leave --zone out)."
+            )
+    return [decl.model_dump() for decl in zones]
+
+
+def check_capacity(session: Session, svc: Services, spec_name: str, instances: int, node_id: str | None) -> None:
+    """With overcommit off, refuse a node whose instances, at their most, do not fit beside the other nodes'."""
+    if svc.settings.overcommit:
+        return
+    spec = svc.specs[spec_name]
+    others = session.scalars(
+        select(Node).where(Node.suspended.is_(False), Node.status != "DELETING", Node.id != (node_id or ""))
+    )
+    vcpu = ram = 0.0
+    for other in others:
+        other_spec = svc.specs.get(other.spec)
+        if other_spec is not None:
+            vcpu += other_spec.vcpu * other.max_instances
+            ram += other_spec.ram_gb * other.max_instances
+    cpus, memory = machine_capacity()
+    want_vcpu, want_ram = spec.vcpu * instances, spec.ram_gb * instances
+    if vcpu + want_vcpu > cpus or ram + want_ram > memory:
+        raise FailedPrecondition(
+            f"The node needs up to {instances} instance(s) of {spec_name} ({want_vcpu:g} vCPU, {want_ram:g} GB RAM); "
+            f"this server has {cpus} CPUs and {memory:.1f} GB, of which other running nodes reserve {vcpu:g} vCPU and "
+            f"{ram:g} GB, and overcommit is off (CELLNODE_OVERCOMMIT=false). Choose a smaller spec or fewer "
+            "instances, suspend another node, or start the server with CELLNODE_OVERCOMMIT=true."
+        )
+
+
+def _move(session: Session, svc: Services, caller: Caller, node: Node, folder_ref: str) -> None:
+    """Move the node to another folder: its name must be free there; usage from now on counts to the new folder."""
+    target = resolve_folder(session, svc, caller, folder_ref)
+    if target.id == node.folder_id:
+        return
+    taken = session.scalar(select(Node.id).where(Node.folder_id == target.id, Node.name == node.name))
+    if taken is not None:
+        raise AlreadyExists(
+            f"Folder {target.id!r} already has a node named {node.name!r} ({taken}). Rename this node in the same "
+            "update (--name), or rename that one first."
+        )
+    if node.acl == [node.folder_id]:
+        node.acl = [target.id]  # the default ACL (its own folder) follows the node
+    now = utcnow()
+    for open_usage in session.scalars(select(Usage).where(Usage.node_id == node.id, Usage.ended_at.is_(None))):
+        open_usage.ended_at = now
+        session.add(
+            Usage(
+                instance_id=open_usage.instance_id,
+                node_id=node.id,
+                folder_id=target.id,
+                spec=open_usage.spec,
+                units_per_second=open_usage.units_per_second,
+                started_at=now,
+                last_seen_at=now,
+            )
+        )
+    node.folder_id = target.id
 
 
 def _check_acl(session: Session, acl: list[str] | None, folder: Folder) -> list[str]:

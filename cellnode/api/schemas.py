@@ -108,7 +108,65 @@ class VariableDecl(BaseModel):
         return self
 
 
-class NodeCreate(BaseModel):
+ZONE_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_INSTANCES = 64
+
+
+class ZoneDecl(BaseModel):
+    """One zone the node's instances may run in, and optionally the subnet they use there."""
+
+    zone: str = Field(description="A zone of the server's backend ('cellnode spec list' shows them; 'local' here).")
+    subnet: str = Field("", max_length=255, description="Subnet in that zone; empty for the zone's default.")
+
+    @model_validator(mode="after")
+    def _zone_name(self) -> ZoneDecl:
+        if not ZONE_PATTERN.match(self.zone):
+            raise ValueError(f"zone {self.zone!r} is not a zone name; use lowercase letters, digits and hyphens")
+        return self
+
+
+def _distinct_zones(zones: list[ZoneDecl]) -> list[ZoneDecl]:
+    names = [z.zone for z in zones]
+    twice = sorted({z for z in names if names.count(z) > 1})
+    if twice:
+        raise ValueError(f"zone {twice[0]!r} is listed more than once; list each zone once")
+    return zones
+
+
+Zones = Annotated[list[ZoneDecl], AfterValidator(_distinct_zones)]
+
+
+class _Scaling(BaseModel):
+    """A fixed `instance_count`, or a range `min_instances`..`max_instances` the autoscaler moves in."""
+
+    instance_count: int | None = Field(
+        None, ge=1, le=MAX_INSTANCES, description="A fixed number of instances (min = max). Default 1."
+    )
+    min_instances: int | None = Field(None, ge=1, le=MAX_INSTANCES, description="Fewest instances when autoscaled.")
+    max_instances: int | None = Field(None, ge=1, le=MAX_INSTANCES, description="Most instances when autoscaled.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> _Scaling:
+        ranged = self.min_instances is not None or self.max_instances is not None
+        if self.instance_count is not None and ranged:
+            raise ValueError(
+                f"instance_count ({self.instance_count}) fixes the number of instances, and min_instances/"
+                "max_instances set a range for the autoscaler; give one or the other"
+            )
+        low, high = self.min_instances, self.max_instances
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"min_instances ({self.min_instances}) is greater than max_instances ({self.max_instances}); "
+                "make min_instances at most max_instances"
+            )
+        return self
+
+    def fields_set_scaling(self) -> bool:
+        """Whether the request changes the instance count or range."""
+        return bool({"instance_count", "min_instances", "max_instances"} & self.model_fields_set)
+
+
+class NodeCreate(_Scaling):
     name: ResourceName
     checkpoint: str = Field(description="ID or pinned name of the checkpoint that backs the node.")
     inputs: list[VariableDecl] = Field(default_factory=list)
@@ -117,16 +175,20 @@ class NodeCreate(BaseModel):
     folder_id: str | None = None
     acl: list[str] | None = Field(None, description="Folder IDs allowed to call the node; default: its own folder.")
     timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
-    instance_count: int = Field(1, ge=1, le=64, description="Instances to run; each serves one request at a time.")
     spec: str = Field("c1.4", description="Instance spec from the server's table ('cellnode spec list').")
+    zones: Zones | None = Field(
+        None, min_length=1, description="Zones to spread instances over, in turn; default: every zone of the backend."
+    )
+    maintenance_limit: int = Field(1, ge=1, le=MAX_INSTANCES, description="Instances replaced at once in a roll.")
     state: StatePolicy = Field("isolated", description=STATE_HELP)
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
     )
 
 
-class NodeUpdate(BaseModel):
-    """Only the fields given change. A new checkpoint, variables or spec roll the instances; the rest apply at once."""
+class NodeUpdate(_Scaling):
+    """Only the fields given change. A new checkpoint, variables, spec, state or zones roll the instances; the rest
+    apply at once (a moved folder, instance counts, timeouts, ACL)."""
 
     name: ResourceName | None = None
     description: str | None = Field(None, max_length=1024)
@@ -134,12 +196,15 @@ class NodeUpdate(BaseModel):
     inputs: list[VariableDecl] | None = None
     outputs: list[VariableDecl] | None = Field(None, min_length=1)
     acl: list[str] | None = None
+    folder_id: str | None = Field(None, description="Move the node to this folder.")
     timeout: float | None = Field(None, gt=0, le=3600)
-    instance_count: int | None = Field(None, ge=1, le=64)
     max_queue: int | None = Field(None, ge=0, le=100_000)
     spec: str | None = None
+    zones: Zones | None = Field(None, min_length=1)
     state: StatePolicy | None = Field(None, description=STATE_HELP)
-    maintenance_limit: int | None = Field(None, ge=1, le=64, description="Instances replaced at once in a roll.")
+    maintenance_limit: int | None = Field(
+        None, ge=1, le=MAX_INSTANCES, description="Instances replaced at once in a roll."
+    )
 
 
 class InstanceOut(_Out):
@@ -152,6 +217,7 @@ class InstanceOut(_Out):
     last_error: str
     pid: int | None
     host: str
+    zone: str
 
 
 class NodeOut(_Out):
@@ -165,9 +231,12 @@ class NodeOut(_Out):
     outputs: list[VariableDecl]
     acl: list[str]
     timeout: float
-    instance_count: int
+    instance_count: int = Field(description="Instances wanted now: fixed, or where the autoscaler has put it.")
+    min_instances: int
+    max_instances: int
     max_queue: int
     spec: str
+    zones: list[ZoneDecl]
     state: str
     generation: int
     maintenance_limit: int
@@ -196,6 +265,7 @@ class SpecTable(BaseModel):
     cpus: int = Field(description="CPUs of this machine.")
     gpus: int = Field(description="GPUs of this machine.")
     policy: str = Field(description="How specs become limits on this server.")
+    zones: list[str] = Field(description="Zones of this server's backend.")
 
 
 class UsageOut(BaseModel):

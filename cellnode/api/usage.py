@@ -16,18 +16,25 @@ from cellnode.supervisor.specs import count_cpus
 
 router = APIRouter(prefix="/cellnode/v1", tags=["usage"])
 
-POLICY = (
-    "CPU and memory are overcommitted: each instance gets min(vCPU, this machine's CPUs) threads for OpenMP, BLAS "
-    "and friends, and no memory reservation. GPUs are not: a spec needing more GPUs than this machine has is refused "
-    "at node creation, and an instance sees only its spec's GPUs (CUDA_VISIBLE_DEVICES)."
+LIMITS = (
+    "Each instance gets min(vCPU, this machine's CPUs) threads for OpenMP, BLAS and friends, and is replaced if its "
+    "resident memory passes its spec's RAM. A spec needing more GPUs than this machine has is refused at node "
+    "creation, and an instance sees only its spec's GPUs (CUDA_VISIBLE_DEVICES)."
 )
+OVERCOMMIT = {
+    True: "CPU and memory are overcommitted: nodes' specs may add up to more than this machine has "
+    "(CELLNODE_OVERCOMMIT=true).",
+    False: "CPU and memory are not overcommitted: a node whose instances, at their maximum count, would not fit "
+    "beside the other running nodes is refused (CELLNODE_OVERCOMMIT=false).",
+}
 
 
 @router.get("/specs", response_model=SpecTable)
 def list_specs(svc: ServicesDep, _caller: CallerDep) -> SpecTable:
     """The instance specs this server offers, and how they become limits here."""
     specs = [SpecOut(**vars(spec)) for spec in svc.specs.values()]
-    return SpecTable(specs=specs, cpus=count_cpus(), gpus=svc.gpus, policy=POLICY)
+    policy = f"{OVERCOMMIT[svc.settings.overcommit]} {LIMITS}"
+    return SpecTable(specs=specs, cpus=count_cpus(), gpus=svc.gpus, policy=policy, zones=list(svc.zones))
 
 
 @router.get("/usage", response_model=UsageList)

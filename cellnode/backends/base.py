@@ -29,7 +29,8 @@ class InstanceSpec:
     `launch` is the launch spec of `cellnode.runtime` without `"socket"` and `"log_dir"`, which the backend fills in.
     `log_path` is the node's log directory, where each of its processes writes a log file of its own (the local
     backend creates it, mode 0700). `env` is added to the minimal environment the instance gets (secrets, for
-    example); the server's own environment is not passed.
+    example); the server's own environment is not passed. `zone` is one of the backend's `zones`, and `subnet` the
+    node's subnet there (empty: the zone's default).
     """
 
     node_id: str
@@ -37,6 +38,8 @@ class InstanceSpec:
     launch: dict[str, Any]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    zone: str = "local"
+    subnet: str = ""
 
 
 class InstanceFailed(CellnodeError):
@@ -62,6 +65,19 @@ class InstanceHandle(ABC):
     def returncode(self) -> int | None:
         """The exit code once the instance has ended (negative: killed by that signal); None while it runs."""
         raise NotImplementedError("The 'returncode' property must be implemented.")
+
+    @property
+    def load_seconds(self) -> float | None:
+        """Seconds the checkpoint took to load for this instance's sake: set once it is ready, for the instance that
+        loaded it (a lone instance, or the first fork of a new zygote); None for one that found it loaded."""
+        return None
+
+    async def wait_started(self, timeout: float) -> None:
+        """Return once the instance's process exists (`pid` is set, where there is one); it may still be loading.
+
+        Backends whose `start()` returns only once the process exists need not override it.
+        """
+        return None
 
     @abstractmethod
     async def wait_ready(self, timeout: float) -> None:
@@ -101,6 +117,9 @@ class Backend(ABC):
     """Starts instances; `close()` stops every instance it started."""
 
     name: ClassVar[str]
+    # Where instances may run. Nodes spread their instances over the zones they list; a backend with one machine
+    # has one zone.
+    zones: ClassVar[tuple[str, ...]] = ("local",)
 
     @abstractmethod
     async def start(self, spec: InstanceSpec) -> InstanceHandle:

@@ -47,6 +47,9 @@ def _show(node: dict[str, Any]) -> None:
             ("spec", "Spec"),
             ("state", "State"),
             ("instance_count", "Instances"),
+            ("min_instances", "Min instances"),
+            ("max_instances", "Max instances"),
+            ("zones", "Zones"),
             ("max_queue", "Queue"),
             ("description", "Description"),
         ],
@@ -60,10 +63,20 @@ def _show(node: dict[str, Any]) -> None:
                 ("status", "STATUS"),
                 ("status_since", "SINCE"),
                 ("restarts", "RESTARTS"),
+                ("zone", "ZONE"),
+                ("host", "HOST"),
                 ("pid", "PID"),
                 ("last_error", "LAST ERROR"),
             ],
         )
+
+
+MinOption = Annotated[int | None, typer.Option(help="Fewest instances the autoscaler keeps. Default: 1.")]
+MaxOption = Annotated[int | None, typer.Option(help="Most instances the autoscaler starts. Default: the minimum.")]
+ZoneOption = Annotated[
+    list[str] | None,
+    typer.Option("--zone", help="ZONE[:SUBNET] to spread instances over, repeatable. Default: every zone ('local')."),
+]
 
 
 @app.command()
@@ -82,11 +95,17 @@ def create(
     instances: Annotated[
         int | None, typer.Option(help="Instances to run, each serving one request at a time. Default: 1.")
     ] = None,
+    min_instances: MinOption = None,
+    max_instances: MaxOption = None,
     max_queue: Annotated[
         int | None, typer.Option(help="Requests that may wait when all instances are busy; then 429. Default: 64.")
     ] = None,
     spec: Annotated[
         str | None, typer.Option(help="Instance spec ('cellnode spec list'): vCPUs, RAM, GPUs. Default: c1.4.")
+    ] = None,
+    zone: ZoneOption = None,
+    maintenance_limit: Annotated[
+        int | None, typer.Option(help="Instances replaced at once in a roll. Default: 1.")
     ] = None,
     state: Annotated[
         str | None,
@@ -97,8 +116,10 @@ def create(
 ) -> None:
     """Create a cell node from a pinned checkpoint.
 
+    Give --instances N for a fixed count, or --min-instances/--max-instances to let the autoscaler choose.
+
     Example: cellnode node create --name randomizer-node --checkpoint randomizer-checkpoint
-    --input input_data:dict --output output_data:dict
+    --input input_data:dict --output output_data:dict --min-instances 1 --max-instances 4
     """
     inputs = [parse_variable("--input", text) for text in input or []]
     outputs = [parse_variable("--output", text) for text in output]
@@ -113,8 +134,12 @@ def create(
             acl=acl,
             timeout=timeout,
             instances=instances,
+            min_instances=min_instances,
+            max_instances=max_instances,
             max_queue=max_queue,
             spec=spec,
+            zones=zone,
+            maintenance_limit=maintenance_limit,
             state=state,
             wait=wait,
         )
@@ -176,16 +201,22 @@ def update(
     ] = None,
     acl: Annotated[list[str] | None, typer.Option("--acl", help="Folder IDs allowed to call the node, all.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a request may run.")] = None,
-    instances: Annotated[int | None, typer.Option(help="Instances to run.")] = None,
+    instances: Annotated[int | None, typer.Option(help="A fixed number of instances.")] = None,
+    min_instances: MinOption = None,
+    max_instances: MaxOption = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests that may wait when all instances are busy.")] = None,
     spec: Annotated[str | None, typer.Option(help="Instance spec (rolls the instances).")] = None,
+    zone: Annotated[
+        list[str] | None, typer.Option("--zone", help="ZONE[:SUBNET], repeatable: all the zones (rolls).")
+    ] = None,
+    move_to: Annotated[str | None, typer.Option(help="Move the node to this folder (ID or name).")] = None,
     state: Annotated[str | None, typer.Option(help="isolated, persistent or fork (rolls the instances).")] = None,
     maintenance_limit: Annotated[int | None, typer.Option(help="Instances replaced at once in a roll.")] = None,
     folder: FolderOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until every instance runs the new version.")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a node. A new checkpoint, variables or spec roll its instances with no downtime.
+    """Change a node. A new checkpoint, variables, spec, state or zones roll its instances with no downtime.
 
     Example: cellnode node update randomizer-node --checkpoint randomizer-v2 --maintenance-limit 1
     """
@@ -198,8 +229,12 @@ def update(
         "acl": acl,
         "timeout": timeout,
         "instances": instances,
+        "min_instances": min_instances,
+        "max_instances": max_instances,
         "max_queue": max_queue,
         "spec": spec,
+        "zones": zone,
+        "move_to": move_to,
         "state": state,
         "maintenance_limit": maintenance_limit,
     }

@@ -42,7 +42,11 @@ def list_(as_json: JsonOption = False) -> None:
             ("units_per_second", "UNITS/S"),
         ]
         table(data["specs"], columns)
-        console.print(f"This machine: {data['cpus']} CPUs, {data['gpus']} GPUs. {data['policy']}", highlight=False)
+        console.print(
+            f"This machine: {data['cpus']} CPUs, {data['gpus']} GPUs; zones: {', '.join(data['zones'])}. "
+            f"{data['policy']}",
+            highlight=False,
+        )
 
     emit(found, as_json, show)
 

@@ -26,6 +26,7 @@ from cellnode.iam.bootstrap import bootstrap, write_private
 from cellnode.iam.credentials import Authenticator
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
+from cellnode.supervisor.autoscale import AutoscalePolicy
 from cellnode.supervisor.specs import count_gpus, load_specs
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
@@ -50,15 +51,22 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         blobs = BlobStore(settings.data_dir / "blobs")
         table = RoutingTable()
         specs = load_specs(settings.specs_file)
+        backend = load_backend(settings.backend)
+        metrics = Metrics(table)
         supervisor = Supervisor(
             db,
-            load_backend(settings.backend),
+            backend,
             blobs,
             table,
             logs_dir=settings.data_dir / "logs",
             start_timeout=settings.instance_start_timeout,
             specs=specs,
             liveness=(settings.liveness_interval, settings.liveness_timeout),
+            autoscale=AutoscalePolicy(
+                settings.autoscale_target, settings.scale_up_cooldown, settings.scale_down_cooldown
+            ),
+            metrics=metrics,
+            log_limits=(settings.log_retention_hours * 3600, settings.log_max_mb * 2**20),
         )
         app.state.services = Services(
             settings=settings,
@@ -70,9 +78,10 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             default_folder_id=first.folder_id,
             captures=ThreadPoolExecutor(settings.max_captures, thread_name_prefix="cellnode-capture"),
             blob_lock=threading.Lock(),
-            metrics=Metrics(table),
+            metrics=metrics,
             specs=specs,
             gpus=await asyncio.to_thread(count_gpus),
+            zones=backend.zones,
         )
         await supervisor.start()
         try:

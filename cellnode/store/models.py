@@ -139,7 +139,11 @@ class Node(Base):
     outputs: Mapped[list[Any]]
     acl: Mapped[list[Any]]  # folder IDs allowed to call the node
     timeout: Mapped[float] = mapped_column(Float)
+    # The instances wanted now: the API sets it for a fixed count; the autoscaler moves it in [min, max].
     instance_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    min_instances: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    max_instances: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    zones: Mapped[list[Any]] = mapped_column(default=list)  # [{"zone", "subnet"}]; instances spread over them
     max_queue: Mapped[int] = mapped_column(Integer, default=64, server_default="64")
     suspended: Mapped[bool] = mapped_column(default=False, server_default="0")  # desired: no instances
     spec: Mapped[str] = mapped_column(String(32), default="c1.4", server_default="c1.4")
@@ -176,6 +180,7 @@ class Instance(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     pid: Mapped[int | None] = mapped_column(Integer)
     host: Mapped[str] = mapped_column(String(255), default="")
+    zone: Mapped[str] = mapped_column(String(63), default="", server_default="")
 
 
 class Usage(Base):

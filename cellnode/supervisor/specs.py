@@ -5,9 +5,10 @@ reference's unless `CELLNODE_SPECS_FILE` names a JSON file of the same shape (`{
 "gpus": 0, "units_per_second": 4}, ...}`).
 
 On the local backend a spec becomes limits per instance: CPU threads (`OMP_NUM_THREADS` and the other libraries'
-variables) and GPU visibility (`CUDA_VISIBLE_DEVICES`). CPU and memory may be overcommitted across instances on one
-machine, so that `c1.4` works on a laptop; GPUs may not: a spec asking for more GPUs than the machine has is refused
-when the node is created.
+variables), GPU visibility (`CUDA_VISIBLE_DEVICES`), and a memory cap: the supervisor replaces an instance whose
+resident memory passes its spec's RAM. CPU and memory may be overcommitted across instances on one machine, so that
+`c1.4` works on a laptop (`CELLNODE_OVERCOMMIT`, on by default; off, a node that would not fit is refused); GPUs may
+not: a spec asking for more GPUs than the machine has is refused when the node is created.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from cellnode.exceptions import ConfigError, FailedPrecondition, InvalidArgument
 
 DEFAULT_SPEC = "c1.4"
+GIB = 2**30  # a spec's "GB" of RAM, as cloud configurations count it
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -38,6 +40,11 @@ class Spec:
     ram_gb: float
     gpus: int
     units_per_second: float
+
+    @property
+    def memory_cap(self) -> int:
+        """Bytes of resident memory one instance may hold."""
+        return int(self.ram_gb * GIB)
 
     def environment(self, cpus_here: int) -> dict[str, str]:
         """The variables that hold an instance to this spec on a machine with `cpus_here` CPUs."""
@@ -109,3 +116,9 @@ def count_gpus() -> int:
 
 def count_cpus() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def machine_capacity() -> tuple[int, float]:
+    """This machine's CPUs (those the server may use) and RAM in GB."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
+    return count_cpus(), ram

@@ -1,8 +1,16 @@
 """The supervisor: reconciles the nodes in the store with running instances, and is the only writer of statuses.
 
-A node wants `instance_count` instances, in slots 0..N-1. An empty slot gets an instance (after a backoff if the
-slot's last one crashed); a slot past the count is drained and removed. Each instance's observed state is a row of
-the `instances` table; each node's status follows from how many of its instances are healthy.
+A node wants `instance_count` instances, in slots 0..N-1; slot i runs in the node's zone i mod (number of zones).
+An empty slot gets an instance (after a backoff if the slot's last one crashed); a slot past the count is drained and
+removed. For a node with a range (`min_instances` < `max_instances`) the autoscaler moves the count
+(`cellnode.supervisor.autoscale`). Each instance's observed state is a row of the `instances` table, through
+CREATED (asked of the backend), STARTED (the backend is starting it), PREPARING (its process exists and loads or
+warms up), HEALTHY, UNHEALTHY (missed a liveness check; being replaced), DELETING (draining), FAILED (could not
+start; the reason is kept until the slot's next instance), and UNDEFINED (left by a previous server run, until its
+process is confirmed gone). Each node's status follows from how many of its instances are healthy.
+
+Every second the supervisor also reads each instance's resident memory (with its children's): one past its spec's
+RAM is killed and replaced, with the reason kept.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import time
@@ -26,7 +35,10 @@ from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
-from cellnode.supervisor.specs import REFERENCE_SPECS, Spec, count_cpus
+from cellnode.supervisor.autoscale import SAMPLE_INTERVAL, AutoscalePolicy, Scaler
+from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
+from cellnode.telemetry.logs import prune_logs
+from cellnode.telemetry.metrics import Metrics
 
 logger = logging.getLogger("cellnode.supervisor")
 
@@ -36,6 +48,9 @@ PERMANENT_EXIT_CODES = {2, 3, 4}
 CRASH_WINDOW = 60.0
 MAX_CRASHES = 3
 HOST = socket.gethostname()
+LOG_PRUNE_INTERVAL = 300.0
+PREVIOUS_RUN_GRACE = 10.0  # seconds a previous server's instance may take to exit after that server died
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class LaunchFailed(Exception):
@@ -50,8 +65,10 @@ class LaunchFailed(Exception):
 class _Running:
     handle: InstanceHandle
     instance: Instance
+    spec: Spec
     watcher: asyncio.Task[None] | None = None
     hung: bool = False  # killed because it did not answer a liveness check
+    over_memory: str = ""  # why it was killed for passing its memory cap
 
 
 @dataclass
@@ -72,6 +89,8 @@ class _NodeState:
     failed: bool = False
     failed_generation: int = 0  # a rollout to this generation could not start an instance; wait for the next
     crashes: list[float] = field(default_factory=list)
+    bounds: tuple[int, int, int] = (1, 1, 1)  # instance_count, min_instances, max_instances, as last read
+    scaler: Scaler | None = None  # for a node with a range
 
 
 class Supervisor:
@@ -88,8 +107,17 @@ class Supervisor:
         start_timeout: float,
         specs: dict[str, Spec] | None = None,
         liveness: tuple[float, float] = (5.0, 10.0),
+        autoscale: AutoscalePolicy | None = None,
+        metrics: Metrics | None = None,
+        log_limits: tuple[float, int] = (7 * 86_400.0, 200 * 2**20),
     ) -> None:
+        self._log_retention, self._log_max_bytes = log_limits
         self._liveness_interval, self._liveness_timeout = liveness
+        self._autoscale = autoscale or AutoscalePolicy()
+        self._metrics = metrics
+        self._statuses: dict[str, tuple[str, str]] = {}  # instance_id -> (node_id, status), for /metrics
+        if metrics is not None:
+            metrics.view = self.view
         self._specs = specs if specs is not None else dict(REFERENCE_SPECS)
         self._cpus = count_cpus()
         self._db = db
@@ -108,10 +136,22 @@ class Supervisor:
     async def start(self) -> None:
         """Load the routing table from the store and start reconciling in the background."""
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._mark_restarting)
+        previous = await asyncio.to_thread(self._mark_restarting)
         await self.reconcile()
         self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
         self._spawn(self._check_liveness(), "cellnode-liveness")
+        self._spawn(self._watch_resources(), "cellnode-resources")
+        self._spawn(self._prune_logs(), "cellnode-log-pruning")
+        if previous:
+            self._spawn(self._forget_previous(previous), "cellnode-previous-run")
+
+    def view(self) -> tuple[dict[str, dict[str, int]], dict[str, tuple[int, int, int]]]:
+        """Instances per node and status, and each node's wanted count and range (for `/metrics`)."""
+        statuses: dict[str, dict[str, int]] = {}
+        for node_id, status in self._statuses.copy().values():
+            per_node = statuses.setdefault(node_id, {})
+            per_node[status] = per_node.get(status, 0) + 1
+        return statuses, {node_id: state.bounds for node_id, state in self._nodes.copy().items()}
 
     def notify(self) -> None:
         """Wake the supervisor after a change to desired state; safe from any thread."""
@@ -162,7 +202,74 @@ class Supervisor:
                         running.handle.instance_id,
                         self._liveness_timeout,
                     )
+                    await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "UNHEALTHY")
                     running.handle.kill()
+
+    async def _watch_resources(self) -> None:
+        """Every second: usage units, the memory cap of each instance, and the autoscaler's samples."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            for node_id, state in list(self._nodes.items()):
+                try:
+                    for slot in list(state.slots.values()):
+                        if slot.running is not None:
+                            self._account(node_id, slot.running, elapsed)
+                    if state.scaler is not None and not state.failed:
+                        await self._autoscale_node(node_id, state, now)
+                except Exception:  # pragma: no cover - a bug; keep watching the other nodes
+                    logger.exception("Node %s: watching resources failed.", node_id)
+
+    async def _prune_logs(self) -> None:
+        """Now and every few minutes: remove the log files of ended instances past the retention or the size cap."""
+        while True:
+            live = set(self._statuses.copy())
+            for state in self._nodes.copy().values():
+                live.update(s.running.handle.instance_id for s in state.slots.values() if s.running is not None)
+            directories = await asyncio.to_thread(
+                lambda: [d for d in self._logs_dir.iterdir() if d.is_dir()] if self._logs_dir.is_dir() else []
+            )
+            for directory in directories:
+                removed = await asyncio.to_thread(
+                    prune_logs, directory, live=live, retention=self._log_retention, max_bytes=self._log_max_bytes
+                )
+                if removed:
+                    logger.info("Node %s: removed %d log file(s) of ended instances.", directory.name, len(removed))
+            await asyncio.sleep(LOG_PRUNE_INTERVAL)
+
+    def _account(self, node_id: str, running: _Running, elapsed: float) -> None:
+        if self._metrics is not None:
+            self._metrics.usage_units.labels(node_id, running.spec.name).inc(elapsed * running.spec.units_per_second)
+        if running.over_memory or not running.instance.is_alive:
+            return
+        used = resident_bytes(running.handle.pid)
+        if used is not None and used > running.spec.memory_cap:
+            running.over_memory = (
+                f"Instance {running.handle.instance_id} used {used / GIB:.2f} GB of memory, over the "
+                f"{running.spec.ram_gb:g} GB of spec {running.spec.name}, so it was killed. Give the node a spec "
+                "with more RAM, or make the cell use less."
+            )
+            logger.error("Node %s: %s", node_id, running.over_memory)
+            running.handle.kill()
+
+    async def _autoscale_node(self, node_id: str, state: _NodeState, now: float) -> None:
+        route, scaler = self._table.find(node_id), state.scaler
+        if route is None or scaler is None:
+            return
+        scaler.sample(now, sum(instance.outstanding for instance in route.instances if instance.is_alive))
+        count, low, high = state.bounds
+        wanted = scaler.decide(now, count=count, low=low, high=high)
+        if wanted == count:
+            return
+        direction = "up" if wanted > count else "down"
+        logger.info("Node %s: autoscaling %s from %d to %d instances.", node_id, direction, count, wanted)
+        if self._metrics is not None:
+            self._metrics.scaling.labels(node_id, direction).inc()
+        if await asyncio.to_thread(self._write_count, node_id, wanted):
+            state.bounds = (wanted, low, high)
+            self.notify()
 
     async def reconcile(self) -> None:
         """One pass: bring routes and instances in line with the store."""
@@ -175,14 +282,21 @@ class Supervisor:
                 continue
             self._put_route(node)
             state = self._nodes.setdefault(node.id, _NodeState())
+            state.bounds = (node.instance_count, node.min_instances, node.max_instances)
             if node.suspended:
+                state.scaler = None
                 await self._suspend(node.id, state)
                 continue
+            if node.min_instances == node.max_instances:
+                state.scaler = None
+            elif state.scaler is None:
+                state.scaler = Scaler(self._autoscale, started=time.monotonic())
             route = self._table.find(node.id)
             if route is not None and route.status in ("SUSPENDING", "SUSPENDED"):
                 await self._set_status(node.id, "RESUMING", "Starting instances from the pinned checkpoint.")
             for index in [i for i in state.slots if i >= node.instance_count]:
-                await self._stop_slot(node.id, state.slots.pop(index))
+                slot = state.slots.pop(index)
+                self._spawn(self._retire(node.id, slot, node.timeout), f"retire-{node.id}-{index}")
             if state.failed:
                 continue
             now = time.monotonic()
@@ -227,7 +341,7 @@ class Supervisor:
         old, slot.running, slot.generation, slot.replacing = slot.running, new, node.generation, False
         new.watcher = self._spawn(self._watch(node.id, slot, new), f"watch-{new.handle.instance_id}")
         self._publish(node.id)
-        await asyncio.to_thread(self._write_instance, node.id, new.handle.instance_id, slot, "HEALTHY", new.handle.pid)
+        await asyncio.to_thread(self._write_instance_status, new.handle.instance_id, "HEALTHY", new.handle.pid)
         if old is not None:
             await self._drain(node.id, old, node.timeout)
         logger.info("Node %s: slot %d now runs generation %d.", node.id, slot.index, node.generation)
@@ -245,6 +359,15 @@ class Supervisor:
         await old.handle.stop()
         await asyncio.to_thread(self._drop_instance, old.handle.instance_id)
 
+    async def _retire(self, node_id: str, slot: _Slot, timeout: float) -> None:
+        """A slot past the count: out of the route at once, then its instance finishes what it holds and stops."""
+        running, slot.running = slot.running, None
+        if running is None:
+            return
+        self._publish(node_id)
+        await self._drain(node_id, running, timeout)
+        await self._update_node_status(node_id)
+
     async def _suspend(self, node_id: str, state: _NodeState) -> None:
         """Stop every instance and keep the node; a resume starts it again from its pinned checkpoint."""
         if state.slots:
@@ -258,10 +381,18 @@ class Supervisor:
 
     # -- store access (in worker threads)
 
-    def _mark_restarting(self) -> None:
-        """Statuses left by a previous server say nothing of instances that no longer exist."""
+    def _mark_restarting(self) -> list[tuple[str, int | None, str]]:
+        """Statuses left by a previous server say nothing of instances that no longer exist: its instances turn
+        UNDEFINED until they are confirmed gone. Returns them as (instance ID, pid, host)."""
         with self._db.session() as session:
-            session.execute(delete(InstanceRow))
+            previous = [(row.id, row.pid, row.host) for row in session.scalars(select(InstanceRow))]
+            session.execute(
+                update(InstanceRow).values(
+                    status="UNDEFINED",
+                    status_since=utcnow(),
+                    last_error="Left by a previous run of the server; waiting for its process to end.",
+                )
+            )
             # Its instances' uptime ended, at the latest, when that server was last seen alive.
             session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(ended_at=Usage.last_seen_at))
             session.execute(
@@ -269,6 +400,17 @@ class Supervisor:
                 .where(Node.status.in_(("HEALTHY", "UNHEALTHY")))
                 .values(status="UNHEALTHY", status_message="The server started again; starting instances.")
             )
+        return previous
+
+    async def _forget_previous(self, previous: list[tuple[str, int | None, str]]) -> None:
+        """Drop a previous run's instance rows once their processes are gone (they exit when their server dies)."""
+        deadline = time.monotonic() + PREVIOUS_RUN_GRACE
+        for instance_id, pid, host in previous:
+            while host == HOST and pid is not None and _exists(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if host == HOST and pid is not None and _exists(pid):
+                logger.warning("Instance %s of a previous run (pid %d) did not exit; forgetting it.", instance_id, pid)
+            await asyncio.to_thread(self._drop_instance, instance_id)
 
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
@@ -291,29 +433,72 @@ class Supervisor:
                 )
             )
 
-    def _write_instance(self, node_id: str, instance_id: str, slot: _Slot, status: str, pid: int | None) -> None:
+    def _write_instance(self, node: Node, instance_id: str, slot: _Slot, status: str, zone: str) -> None:
+        node_id = node.id
         with self._db.session() as session:
             row = session.get(InstanceRow, instance_id)
             if row is None:
                 if session.get(Node, node_id) is None:
                     return
-                row = InstanceRow(id=instance_id, node_id=node_id, slot=slot.index, host=HOST)
+                # A new instance of the slot: the FAILED row of the last attempt has said what it had to.
+                session.execute(
+                    delete(InstanceRow).where(
+                        InstanceRow.node_id == node_id, InstanceRow.slot == slot.index, InstanceRow.status == "FAILED"
+                    )
+                )
+                row = InstanceRow(id=instance_id, node_id=node_id, slot=slot.index, host=HOST, zone=zone)
                 session.add(row)
-            row.status, row.status_since, row.pid = status, utcnow(), pid
-            row.restarts, row.last_error, row.generation = slot.restarts, slot.last_error, slot.generation
+            row.status, row.status_since = status, utcnow()
+            row.restarts, row.last_error, row.generation = slot.restarts, slot.last_error, node.generation
+        self._statuses[instance_id] = (node_id, status)
+
+    def _write_failed(self, instance_id: str, reason: str) -> None:
+        """The instance could not start: keep its row, FAILED with the reason, and end its uptime."""
+        with self._db.session() as session:
+            session.execute(
+                update(InstanceRow)
+                .where(InstanceRow.id == instance_id)
+                .values(status="FAILED", status_since=utcnow(), last_error=reason, pid=None)
+            )
+            session.execute(
+                update(Usage)
+                .where(Usage.instance_id == instance_id, Usage.ended_at.is_(None))
+                .values(ended_at=utcnow())
+            )
+        self._statuses.pop(instance_id, None)
+
+    def _write_count(self, node_id: str, count: int) -> bool:
+        """The autoscaler's count, unless the node's range changed meanwhile so that it no longer fits."""
+        with self._db.session() as session:
+            result = session.execute(
+                update(Node)
+                .where(
+                    Node.id == node_id,
+                    Node.min_instances <= count,
+                    Node.max_instances >= count,
+                    Node.suspended.is_(False),
+                )
+                .values(instance_count=count)
+            )
+            return bool(getattr(result, "rowcount", 0))
 
     def _write_rollout_error(self, node_id: str, error: str) -> None:
         with self._db.session() as session:
             session.execute(update(Node).where(Node.id == node_id).values(rollout_error=error))
 
-    def _write_instance_status(self, instance_id: str, status: str) -> None:
+    def _write_instance_status(self, instance_id: str, status: str, pid: int | None = None) -> None:
+        values: dict[str, Any] = {"status": status, "status_since": utcnow()}
+        if pid is not None:
+            values["pid"] = pid
         with self._db.session() as session:
-            session.execute(
-                update(InstanceRow).where(InstanceRow.id == instance_id).values(status=status, status_since=utcnow())
-            )
+            session.execute(update(InstanceRow).where(InstanceRow.id == instance_id).values(**values))
+        known = self._statuses.get(instance_id)
+        if known is not None:
+            self._statuses[instance_id] = (known[0], status)
 
     def _drop_instance(self, instance_id: str) -> None:
         """The instance is gone: forget its row and end its uptime."""
+        self._statuses.pop(instance_id, None)
         with self._db.session() as session:
             session.execute(delete(InstanceRow).where(InstanceRow.id == instance_id))
             session.execute(
@@ -355,7 +540,8 @@ class Supervisor:
             return
         healthy = sum(1 for slot in state.slots.values() if slot.running is not None)
         wanted = len(state.slots)
-        if healthy >= wanted:
+        # Enough: the node's minimum (a fixed count's minimum is the count), or every slot if fewer are wanted.
+        if healthy >= max(1, min(wanted, state.bounds[1])):
             await self._set_status(node_id, "HEALTHY", "")
         elif route.status not in ("CREATED", "RESUMING") or state.crashes:
             errors = [s.last_error for s in state.slots.values() if s.last_error and s.running is None]
@@ -386,29 +572,38 @@ class Supervisor:
         """Start one instance of the node's current generation and wait until it answers; LaunchFailed if not."""
         handle: InstanceHandle | None = None
         instance_id = new_id()
+        zone = node.zones[slot.index % len(node.zones)] if node.zones else {"zone": "local", "subnet": ""}
         try:
-            spec = await asyncio.to_thread(self._instance_spec, node, instance_id)
-            await asyncio.to_thread(self._write_instance, node.id, instance_id, slot, "PREPARING", None)
+            spec = await asyncio.to_thread(self._instance_spec, node, instance_id, zone)
+            await asyncio.to_thread(self._write_instance, node, instance_id, slot, "CREATED", zone["zone"])
             await asyncio.to_thread(self._open_usage, node, instance_id)
+            began = time.monotonic()
             handle = await self._backend.start(spec)
+            await asyncio.to_thread(self._write_instance_status, instance_id, "STARTED")
             instance = Instance(handle, timeout=node.timeout)
             try:
-                await handle.wait_ready(self._start_timeout)
+                await handle.wait_started(self._start_timeout)
+                await asyncio.to_thread(self._write_instance_status, instance_id, "PREPARING", handle.pid)
+                await handle.wait_ready(max(0.0, self._start_timeout - (time.monotonic() - began)))
                 await instance.connect()
             except BaseException:
                 instance.close()
                 await handle.stop()
                 raise
         except (InstanceFailed, Unavailable) as exc:
-            await asyncio.to_thread(self._drop_instance, instance_id)
+            await asyncio.to_thread(self._write_failed, instance_id, str(exc))
             code = handle.returncode if handle is not None else None
             raise LaunchFailed(str(exc), permanent=code in PERMANENT_EXIT_CODES) from exc
         except Exception as exc:
             logger.exception("Node %s: the instance could not be started.", node.id)
-            await asyncio.to_thread(self._drop_instance, instance_id)
+            await asyncio.to_thread(self._write_failed, instance_id, f"The instance could not be started: {exc}")
             raise LaunchFailed(f"The instance could not be started: {exc}", permanent=False) from exc
+        if self._metrics is not None:
+            self._metrics.instance_starts.labels(node.id).observe(time.monotonic() - began)
+            if handle.load_seconds is not None:
+                self._metrics.checkpoint_loads.labels(node.id).observe(handle.load_seconds)
         logger.info("Node %s: instance %s ready (slot %d, pid %s).", node.id, instance_id, slot.index, handle.pid)
-        return _Running(handle, instance)
+        return _Running(handle, instance, self._specs[node.spec])
 
     async def _start(self, node: Node, slot: _Slot) -> None:
         try:
@@ -427,12 +622,10 @@ class Supervisor:
         running.watcher = self._spawn(self._watch(node.id, slot, running), f"watch-{running.handle.instance_id}")
         slot.running, slot.generation = running, node.generation
         self._publish(node.id)
-        await asyncio.to_thread(
-            self._write_instance, node.id, running.handle.instance_id, slot, "HEALTHY", running.handle.pid
-        )
+        await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "HEALTHY", running.handle.pid)
         await self._update_node_status(node.id)
 
-    def _instance_spec(self, node: Node, instance_id: str) -> InstanceSpec:
+    def _instance_spec(self, node: Node, instance_id: str, zone: dict[str, str]) -> InstanceSpec:
         spec = self._specs.get(node.spec)
         if spec is None:
             raise InstanceFailed(
@@ -464,6 +657,8 @@ class Supervisor:
             launch=launch,
             log_path=self._logs_dir / node.id,
             env=spec.environment(self._cpus),
+            zone=zone["zone"],
+            subnet=zone.get("subnet", ""),
         )
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
@@ -479,21 +674,34 @@ class Supervisor:
         slot.restarts += 1
         if running.instance.killed_by_front:
             # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
+            self._count_restart(node_id, "timeout")
             slot.last_error = "Killed after a request timed out and the cell ignored the interrupt."
-            logger.warning("Node %s: instance %s was killed after a timeout; replacing it.", node_id, code)
+            logger.warning(
+                "Node %s: instance %s was killed after a timeout; replacing it.", node_id, running.handle.instance_id
+            )
             await self._update_node_status(node_id)
             self.notify()
             return
         if running.hung:
+            self._count_restart(node_id, "hang")
             reason = (
                 f"Instance {running.handle.instance_id} did not answer a liveness check within "
                 f"{self._liveness_timeout:g} s, so it was killed"
             )
             await self._crashed(node_id, slot, reason, permanent=False)
             return
+        if running.over_memory:
+            self._count_restart(node_id, "memory")
+            await self._crashed(node_id, slot, running.over_memory, permanent=False)
+            return
+        self._count_restart(node_id, "crash")
         reason = f"Instance {running.handle.instance_id} exited with code {code}"
         last = running.handle.last_log_line()
         await self._crashed(node_id, slot, f"{reason}: {last}" if last else reason, permanent=False)
+
+    def _count_restart(self, node_id: str, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.restarts.labels(node_id, reason).inc()
 
     async def _crashed(self, node_id: str, slot: _Slot, reason: str, *, permanent: bool) -> None:
         state = self._nodes.get(node_id)
@@ -517,6 +725,7 @@ class Supervisor:
         if running is None:
             return
         self._publish(node_id)
+        await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "DELETING")
         if running.watcher is not None:
             running.watcher.cancel()
         running.instance.close()
@@ -549,3 +758,35 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def resident_bytes(pid: int | None) -> int | None:
+    """Resident memory of a process and its descendants (a `fork` state policy's request children, the processes a
+    cell started), from /proc; None once the process is gone."""
+    if pid is None:
+        return None
+    total, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_SIZE
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except (OSError, ValueError, IndexError):
+            if current == pid:
+                return None
+            continue
+        pending.extend(int(child) for child in children)
+    return total
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

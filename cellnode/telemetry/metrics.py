@@ -1,12 +1,13 @@
 """Prometheus metrics: the reference platform's node metrics, plus what the runtime knows about its instances.
 
 Request metrics are counted on the execute path, per node that exists (an unknown node ID never becomes a label).
-Instance gauges are read from the routing table when `/metrics` is scraped, so the hot path pays nothing for them.
+The supervisor counts restarts, instance starts, checkpoint loads and usage units. Instance gauges are read from the
+routing table and the supervisor's view when `/metrics` is scraped, so the hot path pays nothing for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,6 +18,9 @@ from cellnode.router.table import RoutingTable
 
 # Milliseconds, as the reference's node_request_durations.
 DURATION_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
+START_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# node_id -> {status: instances}, and node_id -> (wanted, min, max): the supervisor's view, read at scrape time.
+InstanceView = Callable[[], tuple[dict[str, dict[str, int]], dict[str, tuple[int, int, int]]]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -25,6 +29,7 @@ class Metrics:
 
     def __init__(self, table: RoutingTable) -> None:
         self.registry = CollectorRegistry()
+        self.view: InstanceView = lambda: ({}, {})
         labels = ["node_id", "node_path"]
         self.requests = Counter("node_requests", "Execute requests per node.", labels, registry=self.registry)
         self.http_codes = Counter(
@@ -40,7 +45,39 @@ class Metrics:
             buckets=DURATION_BUCKETS_MS,
             registry=self.registry,
         )
-        self.registry.register(_InstanceCollector(table))
+        self.restarts = Counter(
+            "cellnode_instance_restarts",
+            "Instances replaced after a crash, a hang, a timeout kill or a memory cap, per node.",
+            ["node_id", "reason"],
+            registry=self.registry,
+        )
+        self.instance_starts = Histogram(
+            "cellnode_instance_start_seconds",
+            "Seconds from asking the backend for an instance to its first answer, per node.",
+            ["node_id"],
+            buckets=START_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.checkpoint_loads = Histogram(
+            "cellnode_checkpoint_load_seconds",
+            "Seconds a node's checkpoint took to load (once per zygote, or per standalone instance).",
+            ["node_id"],
+            buckets=START_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.usage_units = Counter(
+            "cellnode_usage_units",
+            "Usage units accrued by running instances (uptime x the spec's units per second), per node and spec.",
+            ["node_id", "spec"],
+            registry=self.registry,
+        )
+        self.scaling = Counter(
+            "cellnode_autoscale_changes",
+            "Changes of a node's instance count by the autoscaler, per direction.",
+            ["node_id", "direction"],
+            registry=self.registry,
+        )
+        self.registry.register(_InstanceCollector(table, lambda: self.view()))
 
     def observe(self, node_id: str, node_path: str, code: int, milliseconds: float) -> None:
         """Count one execute request of a known node."""
@@ -55,8 +92,9 @@ class Metrics:
 class _InstanceCollector(Collector):
     """Gauges read at scrape time: instances, queue, in-flight requests, memory."""
 
-    def __init__(self, table: RoutingTable) -> None:
+    def __init__(self, table: RoutingTable, view: InstanceView) -> None:
         self._table = table
+        self._view = view
 
     def collect(self) -> Iterator[Metric]:
         alive = GaugeMetricFamily(
@@ -87,7 +125,23 @@ class _InstanceCollector(Collector):
                 pss = _pss_bytes(instance.handle.pid)
                 if pss is not None:
                     memory.add_metric([route.node_id, instance.instance_id], pss)
-        yield from (alive, in_flight, queued, healthy, memory)
+        by_status = GaugeMetricFamily(
+            "cellnode_instances", "Instances per node and status.", labels=["node_id", "status"]
+        )
+        wanted = GaugeMetricFamily(
+            "cellnode_instances_wanted",
+            "Instances a node should run now, and its range.",
+            labels=["node_id", "bound"],
+        )
+        statuses, counts = self._view()
+        for node_id, per_status in statuses.items():
+            for status, number in per_status.items():
+                by_status.add_metric([node_id, status], number)
+        for node_id, (count, low, high) in counts.items():
+            wanted.add_metric([node_id, "current"], count)
+            wanted.add_metric([node_id, "min"], low)
+            wanted.add_metric([node_id, "max"], high)
+        yield from (alive, in_flight, queued, healthy, memory, by_status, wanted)
 
 
 def _pss_bytes(pid: int | None) -> int | None:
