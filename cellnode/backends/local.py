@@ -6,6 +6,10 @@ gets a new zygote. Each `start()` asks the node's zygote for a fork; the zygote 
 what `handle.wait()` returns. The handle signals the instance itself, through a pidfd, so a pid reused after the
 instance ended is never signalled. If a zygote dies, the next `start()` of the node starts a new one.
 
+A node whose zygote is not safe to fork (its load started threads or initialised CUDA), and one whose launch spec
+says `"fork": false`, gets standalone instances instead: each a child of the server that loads the checkpoint itself.
+Their handles behave the same; only `pid`'s parent and the start time differ.
+
 `InstanceSpec.log_path` is the node's log directory (created mode 0700): each instance writes `<instance_id>.log`
 there, and each zygote `zygote-<n>.log`. Specs and sockets live in a private runtime directory (`tempfile.mkdtemp`,
 mode 0700) with short names, because a Unix socket path holds at most 107 bytes.
@@ -27,6 +31,7 @@ from pathlib import Path
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
 from cellnode.backends.zygote import (
     ZYGOTE_STOP_GRACE,
+    InstanceStarter,
     LocalZygote,
     instance_env as instance_env,  # Re-exported: scripts start instances by hand.
     launch_digest,
@@ -38,16 +43,35 @@ LOG_TAIL_BYTES = 4096
 
 
 class LocalInstanceHandle(InstanceHandle):
-    """An instance forked from a zygote: a grandchild of the server, whose exit its zygote reports."""
+    """An instance: forked from a zygote, which reports its exit, or standalone, a child the backend waits for.
 
-    def __init__(self, spec: InstanceSpec, address: str, zygote: LocalZygote) -> None:
+    `zygote` is what started it: the node's `LocalZygote`, or an `InstanceStarter` for a node that runs without one.
+    """
+
+    def __init__(self, spec: InstanceSpec, address: str, zygote: InstanceStarter) -> None:
         super().__init__(instance_id=spec.instance_id, node_id=spec.node_id, address=address)
         self.log_path = spec.log_path / f"{spec.instance_id}.log"
         self.zygote = zygote
         self._pid: int | None = None
         self._pidfd: int | None = None
+        self._error = ""
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._launch = asyncio.create_task(zygote.fork(self), name=f"fork-{spec.instance_id}")
+        self._claims_load = zygote.claim_load()
+        self._created = asyncio.get_running_loop().time()
+        self._ready_after: float | None = None
+        self._launch = asyncio.create_task(zygote.launch(self), name=f"launch-{spec.instance_id}")
+
+    @property
+    def load_seconds(self) -> float | None:
+        if self._claims_load:
+            return self.zygote.load_seconds
+        if not self.zygote.is_forking:
+            return self._ready_after  # a standalone instance loads for itself: from its start to its first PONG
+        return None
+
+    async def wait_started(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._launch), timeout)  # wait_ready reports a timeout
 
     @property
     def pid(self) -> int | None:
@@ -71,6 +95,7 @@ class LocalInstanceHandle(InstanceHandle):
             if self.returncode is not None:
                 raise InstanceFailed(self._failure(f"exited with code {self.returncode} before it was ready"))
             if await self._ping(max(0.0, deadline - loop.time())):
+                self._ready_after = loop.time() - self._created
                 return
             if loop.time() >= deadline:
                 await self._give_up(timeout)
@@ -97,7 +122,7 @@ class LocalInstanceHandle(InstanceHandle):
         if self.returncode is not None:
             return
         if self._pid is None:
-            # Not forked yet: the fork is skipped, or its child killed as soon as the zygote names it.
+            # Not started yet: the start is skipped, or its process killed as soon as its pid is known.
             self.end(-signal.SIGKILL)
             return
         if self._is_running():
@@ -107,23 +132,25 @@ class LocalInstanceHandle(InstanceHandle):
         self._signal(signal.SIGKILL)
 
     def last_log_line(self) -> str:
-        """The text of the last record in the instance's log file, or else in its zygote's (which logs load errors)."""
-        return last_line(self.log_path) or last_line(self.zygote.log_path)
+        """Why it could not be started, or the last record in its log file, or else in its zygote's (load errors)."""
+        zygote_log = self.zygote.log_path
+        return self._error or last_line(self.log_path) or (last_line(zygote_log) if zygote_log is not None else "")
 
-    def forked(self, pid: int) -> None:
-        """The zygote forked this instance as `pid` (called before any EXITED frame for it is read)."""
+    def started(self, pid: int) -> None:
+        """The instance runs as `pid` (called before its exit can be reported: an EXITED frame, or the wait for it)."""
         self._pid = pid
-        with contextlib.suppress(OSError):  # Already reaped: its EXITED frame follows.
+        with contextlib.suppress(OSError):  # Already reaped: its exit is reported next.
             self._pidfd = os.pidfd_open(pid)
         if self.returncode is not None:  # Killed while the fork was in flight.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             self._close_pidfd()
 
-    def end(self, code: int) -> None:
-        """Record the exit code and remove what the instance left behind."""
+    def end(self, code: int, error: str = "") -> None:
+        """Record the exit code (and `error`, why it could not be started) and remove what the instance left behind."""
         if self._exit.done():
             return
+        self._error = error
         self._exit.set_result(code)
         self._close_pidfd()
         Path(self.address).unlink(missing_ok=True)
@@ -191,10 +218,10 @@ class LocalInstanceHandle(InstanceHandle):
 
 
 class LocalBackend(Backend):
-    """Runs instances as forks of one zygote process per node.
+    """Runs instances as forks of one zygote process per node, or standalone where forking is not safe or is off.
 
     Parameters:
-        python: the interpreter that runs zygotes; defaults to the server's own.
+        python: the interpreter that runs zygotes and standalone instances; defaults to the server's own.
     """
 
     name = "local"
@@ -202,27 +229,35 @@ class LocalBackend(Backend):
     def __init__(self, *, python: str = sys.executable) -> None:
         self.python = python
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="cn-"))
-        self.zygotes: list[LocalZygote] = []
-        self._current: dict[str, LocalZygote] = {}
+        self.zygotes: list[InstanceStarter] = []
+        self._current: dict[str, InstanceStarter] = {}
         self._counter = itertools.count(1)
         self._zygote_numbers = itertools.count(1)
         self._lock = asyncio.Lock()
 
     async def start(self, spec: InstanceSpec) -> LocalInstanceHandle:
-        self.zygotes = [zygote for zygote in self.zygotes if zygote.returncode is None]
+        is_forking = spec.launch.get("fork", True)
+        if not isinstance(is_forking, bool):
+            raise InstanceFailed(
+                f"The launch spec of node {spec.node_id!r} has fork {is_forking!r}; it must be true or false."
+            )
+        self.zygotes = [zygote for zygote in self.zygotes if not zygote.is_done]
         digest = launch_digest(spec, self.python)
         async with self._lock:  # Two starts at once must not both start a zygote.
             zygote = self._current.get(spec.node_id)
             if zygote is None or zygote.digest != digest or not zygote.is_current:
                 if zygote is not None:
                     zygote.retire()
-                zygote = await self._start_zygote(spec, digest)
+                if is_forking:
+                    zygote = await self._start_zygote(spec, digest)
+                else:
+                    zygote = InstanceStarter(spec, digest, python=self.python)
                 self._current[spec.node_id] = zygote
                 self.zygotes.append(zygote)
         return LocalInstanceHandle(spec, str(self.runtime_dir / f"{next(self._counter)}.sock"), zygote)
 
     async def release(self, node_id: str) -> None:
-        """Stop the node's instances that still run, then its zygotes."""
+        """Stop the node's instances that still run (forked or standalone), then its zygotes."""
         self._current.pop(node_id, None)
         await asyncio.gather(*(zygote.stop() for zygote in self.zygotes if zygote.node_id == node_id))
 

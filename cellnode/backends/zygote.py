@@ -1,18 +1,25 @@
-"""The local backend's side of a zygote: the process that loads a node's checkpoint and forks its instances.
+"""The local backend's side of a zygote, the process that loads a node's checkpoint and forks its instances, and of
+standalone instances, for nodes that cannot be forked.
 
 `start_zygote()` starts `python -u -m cellnode.runtime --zygote SPEC` (see `cellnode.runtime.zygote`), a child of the
 server in a session of its own, and returns a `LocalZygote`, which holds one end of a socket pair, the zygote's control
 connection: through it each instance start asks for a fork, and the zygote reports each instance's exit.
+
+Fork safety: a zygote whose load started threads or initialised CUDA says so in its READY frame and exits. Its
+`LocalZygote` stays the node's current one and starts each instance as `InstanceStarter` does for a node whose launch
+spec says `"fork": false`: `python -u -m cellnode.runtime SPEC`, a child of the server in a session of its own, which
+loads the checkpoint itself and whose exit the backend waits for. Such an instance exits by itself within a second
+of the server's death (the spec's `"parent_pid"`, checked by `InstanceServer`).
 
 Lifetimes: a node's current zygote stays (a replacement instance then starts in milliseconds) until the backend
 releases the node or closes; a superseded zygote is stopped once its last instance has ended. If a zygote dies, its
 instances are killed and reported as -9. A zygote whose control connection closes (the server died) kills its
 instances and exits.
 
-Zygotes get a minimal environment plus `InstanceSpec.env`, never the server's `CELLNODE_*` settings. Each process
-writes its own log file in the node's log directory (`InstanceSpec.log_path`): the zygote `zygote-<n>.log`, which also
-takes whatever the interpreter writes before the runtime's log is set up, and each instance `<instance_id>.log`
-(see `cellnode.runtime.logs`).
+Zygotes and standalone instances get a minimal environment plus `InstanceSpec.env`, never the server's `CELLNODE_*`
+settings. Each process writes its own log file in the node's log directory (`InstanceSpec.log_path`): the zygote
+`zygote-<n>.log`, which also takes whatever the interpreter writes before the runtime's log is set up, and each
+instance `<instance_id>.log` (see `cellnode.runtime.logs`).
 """
 
 from __future__ import annotations
@@ -37,29 +44,151 @@ if TYPE_CHECKING:
 # COVERAGE_PROCESS_START lets coverage follow into instances; it carries no secret.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "COVERAGE_PROCESS_START")
 ZYGOTE_STOP_GRACE = 5.0
+FORK_OFF = 'the launch spec says "fork": false'
+CANNOT_START = (
+    "Instance {instance_id!r} of node {node_id!r} could not be started with {python!r} (log directory "
+    "{log_dir!r}): {error}. Check that the interpreter exists and is executable, and that the log directory can be "
+    "written."
+)
 
 
-class LocalZygote:
-    """The backend's side of one zygote process: its control connection and the instances it forked."""
+class InstanceStarter:
+    """Starts the instances of one launch spec of a node as standalone processes, and keeps them until they end.
+
+    This is what a node whose launch spec says `"fork": false` gets instead of a zygote; `LocalZygote` builds on it.
+    """
+
+    def __init__(self, spec: InstanceSpec, digest: str, *, python: str, reason: str = FORK_OFF) -> None:
+        self.node_id = spec.node_id
+        self.digest = digest
+        self.spec = spec
+        self.python = python
+        self.is_current = True
+        self.is_ready = True
+        # True while instances are forked from a zygote; `standalone_reason` says why they are not.
+        self.is_forking = False
+        self.standalone_reason = reason
+        self.handles: set[LocalInstanceHandle] = set()
+        self.log_path: Path | None = None
+        self._standalone: set[asyncio.Task[None]] = set()
+        self.load_seconds: float | None = None  # a zygote's, from its start to READY
+        self._load_claimed = False
+
+    def claim_load(self) -> bool:
+        """True for the one instance whose start waits for this zygote's load (the first), so that the load is
+        reported once."""
+        claims = self.is_forking and not self.is_ready and not self._load_claimed
+        self._load_claimed = self._load_claimed or claims
+        return claims
+
+    @property
+    def is_done(self) -> bool:
+        """Nothing will start from here again, and nothing that started here still runs."""
+        return not self.is_current and not self.handles and not self._standalone
+
+    async def launch(self, handle: LocalInstanceHandle) -> None:
+        """Start `handle`'s instance as a process of its own; return once it runs, or has ended the handle."""
+        self.handles.add(handle)
+        if handle.returncode is not None:
+            return
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._run_standalone(handle, started), name=f"standalone-{handle.instance_id}")
+        self._standalone.add(task)
+        task.add_done_callback(self._standalone.discard)
+        await asyncio.shield(started)
+
+    def forget(self, handle: LocalInstanceHandle) -> None:
+        """`handle` ended; a superseded starter with no instance left is retired."""
+        self.handles.discard(handle)
+        if not self.is_current:
+            self.retire()
+
+    def retire(self) -> None:
+        """No new instance will start from here."""
+        self.is_current = False
+
+    async def stop(self, grace: float = ZYGOTE_STOP_GRACE) -> None:
+        """Stop the instances (SIGTERM, then SIGKILL after `grace`) and wait until each is reaped; idempotent."""
+        self.is_current = False
+        await self._stop_instances(grace)
+
+    def kill(self) -> None:
+        """Nothing of its own to end: the instances are killed through their handles."""
+
+    async def _stop_instances(self, grace: float) -> None:
+        await asyncio.gather(*(handle.stop(grace) for handle in list(self.handles)))
+        # Also those still starting, whose handles were ended at once: they are killed as soon as they run.
+        await asyncio.gather(*list(self._standalone))
+
+    async def _run_standalone(self, handle: LocalInstanceHandle, started: asyncio.Future[None]) -> None:
+        log_dir = self.spec.log_path
+        spec_path = Path(handle.address).with_suffix(".json")
+        try:
+            launch = {key: value for key, value in self.spec.launch.items() if key != "instance_id"}
+            launch.update(
+                node_id=handle.node_id,
+                instance_id=handle.instance_id,
+                socket=handle.address,
+                log_dir=str(log_dir),
+                parent_pid=os.getpid(),
+            )
+            try:
+                make_log_dir(log_dir)
+                write_spec(spec_path, launch)
+                with open(os.open(handle.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
+                    process = await asyncio.create_subprocess_exec(
+                        *(self.python, "-u", "-m", "cellnode.runtime", str(spec_path)),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        env=instance_env(self.spec.env),
+                        start_new_session=True,
+                    )
+            except OSError as exc:
+                spec_path.unlink(missing_ok=True)
+                message = CANNOT_START.format(
+                    instance_id=handle.instance_id,
+                    node_id=handle.node_id,
+                    python=self.python,
+                    log_dir=str(log_dir),
+                    error=exc,
+                )
+                handle.end(1, message)
+                return
+            handle.started(process.pid)
+        finally:
+            if not started.done():
+                started.set_result(None)
+        code = await process.wait()
+        spec_path.unlink(missing_ok=True)
+        handle.end(code)
+
+
+class LocalZygote(InstanceStarter):
+    """The backend's side of one zygote process: its control connection and the instances it forked.
+
+    If the zygote finds it is not safe to fork, its instances start standalone, as `InstanceStarter`'s do.
+    """
 
     def __init__(
         self,
-        node_id: str,
+        spec: InstanceSpec,
         digest: str,
+        *,
+        python: str,
         process: asyncio.subprocess.Process,
         spec_path: Path,
         control: socket.socket,
         log_path: Path,
     ) -> None:
-        self.node_id = node_id
-        self.digest = digest
+        super().__init__(spec, digest, python=python, reason="")
         self.process = process
         self.spec_path = spec_path
         self.log_path = log_path
-        self.is_current = True
         self.is_ready = False
+        self.is_forking = True
         self.is_gone = False
-        self.handles: set[LocalInstanceHandle] = set()
+        self._began = asyncio.get_running_loop().time()
         self._by_pid: dict[int, LocalInstanceHandle] = {}
         self._control = control
         self._writer: asyncio.StreamWriter | None = None
@@ -67,18 +196,26 @@ class LocalZygote:
         self._ready: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
         self._forking: tuple[LocalInstanceHandle, asyncio.Future[dict[str, Any]]] | None = None
-        self._task = asyncio.create_task(self._run(), name=f"zygote-{node_id}")
+        self._task = asyncio.create_task(self._run(), name=f"zygote-{self.node_id}")
         self._stopping: asyncio.Task[None] | None = None
 
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
 
-    async def fork(self, handle: LocalInstanceHandle) -> None:
-        """Fork `handle`'s instance, then end the handle if that failed or the zygote could not load."""
+    @property
+    def is_done(self) -> bool:
+        # A zygote that could not fork exits after READY, but its standalone instances go on.
+        return self.returncode is not None and (self.is_forking or super().is_done)
+
+    async def launch(self, handle: LocalInstanceHandle) -> None:
+        """Fork `handle`'s instance (or start it standalone), then end the handle if that failed or the load did."""
         self.handles.add(handle)
+        code = await asyncio.shield(self._ready)
+        if code is None and not self.is_forking:
+            await super().launch(handle)
+            return
         async with self._lock:
-            code = await asyncio.shield(self._ready)
             if handle.returncode is not None:
                 return
             if code is not None or self.is_gone or self._writer is None or self._stopping is not None:
@@ -95,11 +232,9 @@ class LocalZygote:
 
     def forget(self, handle: LocalInstanceHandle) -> None:
         """`handle` ended; a superseded zygote with no instance left is stopped."""
-        self.handles.discard(handle)
         if handle.pid is not None:
             self._by_pid.pop(handle.pid, None)
-        if not self.is_current:
-            self.retire()
+        super().forget(handle)
 
     def retire(self) -> None:
         """No new instance will come from this zygote: stop it once its last instance has ended."""
@@ -114,13 +249,13 @@ class LocalZygote:
         await asyncio.shield(self._stopping)
 
     def kill(self) -> None:
-        """End the zygote at once; its instances are then killed too."""
+        """End the zygote at once; its forked instances are then killed too."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
     async def _stop(self, grace: float) -> None:
-        await asyncio.gather(*(handle.stop(grace) for handle in list(self.handles)))
+        await self._stop_instances(grace)
         if self._writer is not None:
             self._writer.close()  # The zygote exits once its control connection closes.
         else:
@@ -139,6 +274,11 @@ class LocalZygote:
                 message = json.loads(payload)
                 if kind == READY and not self._ready.done():
                     self.is_ready = True
+                    # The zygote's own measure of its load; else from its start, interpreter included.
+                    self.load_seconds = float(message.get("seconds", asyncio.get_running_loop().time() - self._began))
+                    if message.get("fork_safe") is False:
+                        self.is_forking = False
+                        self.standalone_reason = str(message.get("reason", ""))
                     self._ready.set_result(None)
                 elif kind == EXITED:
                     handle = self._by_pid.pop(message["pid"], None)
@@ -149,12 +289,14 @@ class LocalZygote:
                     self._forking = None
                     if kind == FORKED:
                         self._by_pid[message["pid"]] = handle
-                        handle.forked(message["pid"])
+                        handle.started(message["pid"])
                     answer.set_result(message)
-        except (ConnectionError, OSError, ValueError, KeyError, TypeError):
+        except (ConnectionError, OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # The end of the stream, or a zygote that broke the protocol: either way it is done.
         finally:
-            self.is_gone, self.is_current = True, False
+            self.is_gone = True
+            if self.is_forking:
+                self.is_current = False
             if self._writer is not None:
                 self._writer.close()
             else:
@@ -166,9 +308,10 @@ class LocalZygote:
         if self._forking is not None:
             self._forking[1].set_result({"code": -signal.SIGKILL})
         await asyncio.gather(*(handle.end_orphan() for handle in list(self._by_pid.values())))
-        for handle in list(self.handles):
-            if handle.pid is not None:
-                handle.end(-signal.SIGKILL)
+        if self.is_forking:
+            for handle in list(self.handles):
+                if handle.pid is not None:
+                    handle.end(-signal.SIGKILL)
 
 
 async def start_zygote(spec: InstanceSpec, digest: str, *, python: str, spec_path: Path, name: str) -> LocalZygote:
@@ -177,9 +320,7 @@ async def start_zygote(spec: InstanceSpec, digest: str, *, python: str, spec_pat
     log_dir = spec.log_path
     launch = {key: value for key, value in spec.launch.items() if key != "instance_id"}
     launch.update(node_id=spec.node_id, control_fd=theirs.fileno(), log_dir=str(log_dir), log_name=name)
-    fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "w", encoding="utf-8") as file:
-        json.dump(launch, file)
+    write_spec(spec_path, launch)
     log_path = log_dir / f"{name}.log"
     try:
         make_log_dir(log_dir)
@@ -196,14 +337,21 @@ async def start_zygote(spec: InstanceSpec, digest: str, *, python: str, spec_pat
     except OSError as exc:
         ours.close()
         spec_path.unlink(missing_ok=True)
-        raise InstanceFailed(
-            f"Instance {spec.instance_id!r} of node {spec.node_id!r} could not be started with {python!r} "
-            f"(log directory {str(log_dir)!r}): {exc}. Check that the interpreter exists and is executable, and that "
-            "the log directory can be written."
-        ) from exc
+        message = CANNOT_START.format(
+            instance_id=spec.instance_id, node_id=spec.node_id, python=python, log_dir=str(log_dir), error=exc
+        )
+        raise InstanceFailed(message) from exc
     finally:
         theirs.close()
-    return LocalZygote(spec.node_id, digest, process, spec_path, ours, log_path)
+    return LocalZygote(
+        spec, digest, python=python, process=process, spec_path=spec_path, control=ours, log_path=log_path
+    )
+
+
+def write_spec(path: Path, launch: dict[str, Any]) -> None:
+    """Write a launch spec that only this user can read to a new file."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as file:
+        json.dump(launch, file)
 
 
 def make_log_dir(path: Path) -> None:

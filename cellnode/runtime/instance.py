@@ -4,15 +4,22 @@ Standard library and cloudpickle only: this module runs inside instances.
 
 The local backend forks instances from a zygote (`cellnode.runtime.zygote`), which hands `InstanceServer` a socket it
 has already bound. Run alone, as here, the instance loads its checkpoint, then binds its Unix socket, so a successful
-connect means it is ready. One thread serves every connection through a selector, one frame at a time: the front
-keeps one persistent connection and a health check may open another. Signals: SIGINT interrupts a running cell (and
-is ignored between requests); SIGTERM lets the current request finish, then closes the socket, removes its file and
-exits 0. An instance whose parent process dies (the server, or the zygote it was forked from) exits the same way, so
-that no instance outlives its server.
+connect means it is ready. The local backend runs instances this way ("standalone") for a node whose zygote is not
+safe to fork, or whose launch spec says `"fork": false`. One thread serves every connection through a selector, one
+frame at a time: the front keeps one persistent connection and a health check may open another. Signals: SIGINT
+interrupts a running cell (and is ignored between requests); SIGTERM lets the current request finish, then closes the
+socket, removes its file and exits 0, without waiting for threads the checkpoint started. An instance whose parent
+process dies (the server, or the zygote it was forked from) exits the same way, so that no instance outlives its
+server.
 
-Besides the checkpoint, the launch spec may hold `"state"`, the state policy (`cellnode.runtime.executor`), and
-`"log_dir"`, `"log_max_bytes"` and `"log_backups"`: with a `log_dir`, the instance writes its output as log records
-to `<log_dir>/<instance_id>.log` (`cellnode.runtime.logs`); without one, to its stdout and stderr as they are.
+Besides the checkpoint, the launch spec may hold:
+- `"state"`, the state policy (`cellnode.runtime.executor`);
+- `"log_dir"`, `"log_max_bytes"` and `"log_backups"`: with a `log_dir`, the instance writes its output as log records
+  to `<log_dir>/<instance_id>.log` (`cellnode.runtime.logs`); without one, to its stdout and stderr as they are;
+- `"parent_pid"`, the process whose end the instance outlives by a second at most (its parent when it started, by
+  default); the backend sets it, so that a server that dies while the instance loads is noticed too;
+- `"fork"`, read by the local backend only: `false` (default `true`) starts each instance of the node standalone,
+  with no zygote.
 
 Exit codes: 0 after SIGTERM, 2 for a bad spec or socket, 3 for a corrupt blob, 4 when the checkpoint cannot be
 loaded (a missing module, a cell that does not compile); the reason is the last line on stderr (the last record of the
@@ -21,19 +28,21 @@ log file once it is open).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import types
-from typing import Any
+from typing import Any, NoReturn
 
 from cellnode.runtime.executor import Executor, encode_message, read_state
 from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
-from cellnode.runtime.logs import open_log
+from cellnode.runtime.logs import ProcessLog, open_log
 from cellnode.runtime.protocol import (
     EXECUTE,
     EXECUTE_ID,
@@ -64,14 +73,24 @@ _WAKEUP = "wakeup"
 
 
 class InstanceServer:
-    """Serves EXECUTE and PING frames on a Unix socket until SIGTERM; binds `socket_path` unless given `listener`."""
+    """Serves EXECUTE and PING frames on a Unix socket until SIGTERM; binds `socket_path` unless given `listener`.
 
-    def __init__(self, socket_path: str, executor: Executor, *, listener: socket.socket | None = None) -> None:
+    It exits too once its parent is no longer `parent_pid` (by default the parent it has now).
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        executor: Executor,
+        *,
+        listener: socket.socket | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.executor = executor
         self.listener = listener
         self.should_exit = False
-        self.parent_pid = os.getppid()
+        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
 
     def handle_sigterm(self, signum: int, frame: types.FrameType | None) -> None:
         """Ask the loop to stop after the frame it is handling; the wakeup fd breaks a blocked select."""
@@ -167,14 +186,19 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_BAD_SPEC
     started = time.monotonic()
+    before = set(threading.enumerate())
+    log = None
     try:
         spec = read_spec(argv[0], "socket", str)
+        parent_pid = spec.get("parent_pid")
+        if parent_pid is not None and type(parent_pid) is not int:
+            raise LoadError(f"The launch spec has parent_pid {parent_pid!r}; it must be a process ID.", EXIT_BAD_SPEC)
         log = open_log(spec, str(spec.get("instance_id")))
         state = read_state(spec)
         ns, code = load(spec)
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
-        return exc.exit_code
+        return leave(exc.exit_code, log, before)
     executor = Executor(ns, code, spec.get("outputs", {}), state=state, log=log)
     count = len(spec.get("variables", []))
     print(
@@ -184,10 +208,11 @@ def main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     try:
-        return InstanceServer(spec["socket"], executor).serve()
+        exit_code = InstanceServer(spec["socket"], executor, parent_pid=parent_pid).serve()
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
-        return exc.exit_code
+        return leave(exc.exit_code, log, before)
+    return leave(exit_code, log, before)
 
 
 def read_spec(path: str, key: str, kind: type) -> dict[str, Any]:
@@ -223,6 +248,24 @@ def bind_socket(path: str) -> socket.socket:
     listener.listen(16)
     listener.setblocking(False)
     return listener
+
+
+def leave(code: int, log: ProcessLog | None, before: set[threading.Thread]) -> int:
+    """`code`, for `main` to return; but if the checkpoint started non-daemon threads (any not in `before`), exit
+    with it at once (`exit_process`): the interpreter would wait for them before it exits, maybe forever."""
+    if any(t.is_alive() and not t.daemon and t not in before for t in threading.enumerate()):
+        exit_process(code, log)
+    return code
+
+
+def exit_process(code: int, log: ProcessLog | None) -> NoReturn:
+    """Write what is buffered, then exit with `code` at once: no atexit handlers, no wait for other threads."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if log is not None:
+            log.close()
+    os._exit(code)
 
 
 def drain(wakeup: socket.socket) -> None:

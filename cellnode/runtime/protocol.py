@@ -28,7 +28,9 @@ LOG frames (formatted log records, UTF-8 lines, to append to the instance's log 
 answer frames above, and exits.
 
 zygote -> backend:
-  READY     `{"pid": ..., "seconds": ...}`: the checkpoint is loaded and frozen; FORK requests may follow
+  READY     `{"pid": ..., "seconds": ..., "fork_safe": ..., "reason": ...}`: the checkpoint is loaded and frozen; FORK
+            requests may follow. With `"fork_safe": false` (the load started threads or initialised CUDA, which
+            `"reason"` names) the zygote exits instead, and the backend starts the node's instances standalone
   FORKED    `{"pid": ...}`: the answer to FORK, the pid of the new instance
   FAILURE   `{"message": ..., "code": ...}`: the answer to a FORK that could not be done (a socket path that cannot
             be bound: code 2); `code` is the exit code the backend reports for the instance that never ran

@@ -17,10 +17,18 @@ until `InstanceServer` sets its handler, closes every descriptor of the zygote's
 With a `"log_dir"` in the spec, the zygote writes its log records to `<log_dir>/<log_name>.log` (the spec's
 `"log_name"`, `zygote` by default) and each instance to `<log_dir>/<instance_id>.log` (`cellnode.runtime.logs`).
 
-The zygote stays single-threaded, so fork is safe. It reaps its children and reports each exit as EXITED. When its
-control connection closes (the backend released it, or the server died) or its parent is gone, it kills its
-instances and exits 0. On SIGTERM it passes SIGTERM to its instances, waits for them, and exits 0. An instance
-whose zygote is gone exits within a second (the parent check of `InstanceServer`).
+Fork is safe only in a process that runs one thread and has not initialised CUDA: a child gets a copy of the memory
+but only the forking thread, so a lock another thread held stays locked in it forever. The zygote runs no thread of
+its own, but the checkpoint's load may start some (a library's thread pool, an object whose `__setstate__` starts a
+thread, torch with CUDA). After the load the zygote counts the threads of the process (`/proc/self/task`, which
+also lists native threads) and asks torch, if the load imported it, whether CUDA is initialised. If either is so,
+it logs why, sends READY with `"fork_safe": false` and that reason, and exits 0 at once (its threads would keep it
+otherwise): the backend then starts the node's instances standalone, each loading the checkpoint itself.
+
+A fork-safe zygote reaps its children and reports each exit as EXITED. When its control connection closes (the
+backend released it, or the server died) or its parent is gone, it kills its instances and exits 0. On SIGTERM it
+passes SIGTERM to its instances, waits for them, and exits 0. An instance whose zygote is gone exits within a second
+(the parent check of `InstanceServer`).
 """
 
 from __future__ import annotations
@@ -33,19 +41,35 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import types
 from typing import Any, NoReturn
 
 from cellnode.runtime.executor import Executor, read_state
-from cellnode.runtime.instance import PARENT_CHECK_INTERVAL, InstanceServer, bind_socket, drain, read_spec
+from cellnode.runtime.instance import (
+    PARENT_CHECK_INTERVAL,
+    InstanceServer,
+    bind_socket,
+    drain,
+    exit_process,
+    leave,
+    read_spec,
+)
 from cellnode.runtime.loader import EXIT_BAD_SPEC, LoadError, load
 from cellnode.runtime.logs import LogFile, log_file, open_log
 from cellnode.runtime.protocol import EXITED, FAILURE, FORK, FORKED, READY, recv_frame, send_frame
 
 USAGE = "Usage: python -m cellnode.runtime --zygote SPEC_PATH (the zygote spec JSON written by the local backend)."
 CONTROL_TIMEOUT = 60.0
+# How many threads a fork-safety reason names; it counts them all.
+NAMED_THREADS = 5
+NOT_FORK_SAFE = (
+    "Zygote of node {node_id!r} cannot fork safely: {reason}. Its instances start as standalone processes instead, "
+    "each loading the checkpoint itself; to share one loaded copy again, start threads and CUDA in the cell, not "
+    "while the checkpoint loads."
+)
 _CONTROL = "control"
 _WAKEUP = "wakeup"
 
@@ -190,12 +214,7 @@ class Zygote:
         except BaseException:
             traceback.print_exc()
         finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-                if log is not None:
-                    log.close()
-            os._exit(code)
+            exit_process(code, log)
 
     def _reap(self) -> None:
         while self.children:
@@ -242,6 +261,8 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_BAD_SPEC
     started = time.monotonic()
+    before = set(threading.enumerate())
+    log = None
     try:
         spec = read_spec(argv[0], "control_fd", int)
         control = _control_socket(spec["control_fd"])
@@ -250,24 +271,79 @@ def main(argv: list[str]) -> int:
         ns, code = load(spec)
     except LoadError as exc:
         print(exc.message, file=sys.stderr)
-        return exc.exit_code
+        return leave(exc.exit_code, log, before)
     executor = Executor(ns, code, spec.get("outputs", {}), state=state, log=log)
     node_id = str(spec.get("node_id"))
     gc.collect()
     gc.freeze()
     seconds = time.monotonic() - started
     count = len(spec.get("variables", []))
+    reason = fork_hazard()
     _name_process("cn-zygote")
-    print(
-        f"Zygote of node {node_id!r} loaded {count} variable{'' if count == 1 else 's'} in {seconds:.2f} s; "
-        f"forking instances on request (pid {os.getpid()}, state policy {state!r}).",
-        file=sys.stderr,
-    )
+    if reason:
+        print(NOT_FORK_SAFE.format(node_id=node_id, reason=reason), file=sys.stderr)
+    else:
+        print(
+            f"Zygote of node {node_id!r} loaded {count} variable{'' if count == 1 else 's'} in {seconds:.2f} s; "
+            f"forking instances on request (pid {os.getpid()}, state policy {state!r}).",
+            file=sys.stderr,
+        )
+    ready = {"pid": os.getpid(), "seconds": round(seconds, 3), "fork_safe": not reason, "reason": reason}
     try:
-        send_frame(control, READY, _encode({"pid": os.getpid(), "seconds": round(seconds, 3)}))
+        send_frame(control, READY, _encode(ready))
     except OSError:
-        return 0  # The backend is already gone.
+        return leave(0, log, before)  # The backend is already gone.
+    if reason:
+        exit_process(0, log)  # At once: a return would wait for the checkpoint's non-daemon threads.
     return Zygote(control, executor, node_id).serve()
+
+
+def fork_hazard() -> str:
+    """Why this process is not safe to fork (threads besides this one, CUDA initialised), or an empty string."""
+    reasons = []
+    try:
+        tids = sorted(int(tid) for tid in os.listdir("/proc/self/task"))
+    except OSError:
+        tids = [thread.native_id or 0 for thread in threading.enumerate()]  # No procfs: Python's threads only.
+    others = [tid for tid in tids if tid != threading.get_native_id()]
+    python_names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    native = [tid for tid in others if tid not in python_names]
+    if native and len(native) == len(others) and _openblas_pool_only(len(native)):
+        others = []  # OpenBLAS's worker pool: it has fork handlers, and numpy starts it on import
+    if others:
+        names = [repr(python_names[tid]) if tid in python_names else f"native {_comm(tid)!r}" for tid in others]
+        more = f" and {len(names) - NAMED_THREADS} more" if len(names) > NAMED_THREADS else ""
+        reasons.append(
+            f"the checkpoint started {len(others)} thread{'' if len(others) == 1 else 's'} while loading "
+            f"({', '.join(names[:NAMED_THREADS])}{more})"
+        )
+    torch = sys.modules.get("torch")  # Never imported here: only a load that imported torch can have used CUDA.
+    if torch is not None:
+        try:
+            is_cuda = bool(torch.cuda.is_initialized())
+        except Exception:  # A torch without CUDA, or a module that only has the name.
+            is_cuda = False
+        if is_cuda:
+            reasons.append("the checkpoint initialised CUDA while loading (torch.cuda.is_initialized() is True)")
+    return "; and ".join(reasons)
+
+
+def _openblas_pool_only(threads: int) -> bool:
+    """Whether `threads` native threads can all be OpenBLAS's workers: OpenBLAS is loaded, starts at most
+    OPENBLAS_NUM_THREADS - 1 of them (default: one per CPU, less this one), and no OpenMP runtime is loaded whose
+    threads could be among them (libgomp, for one, does not survive a fork)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = maps.read().lower()
+    except OSError:
+        return False
+    if "openblas" not in loaded or any(omp in loaded for omp in ("libgomp", "libiomp", "libomp")):
+        return False
+    try:
+        pool = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+    except ValueError:
+        return False
+    return threads <= pool - 1
 
 
 def _failure(message: str, code: int) -> tuple[int, bytes]:
@@ -285,6 +361,15 @@ def _control_socket(fd: int) -> socket.socket:
     control.set_inheritable(False)
     control.settimeout(CONTROL_TIMEOUT)
     return control
+
+
+def _comm(tid: int) -> str:
+    """The name the kernel shows for thread `tid` of this process."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
 
 
 def _name_process(name: str) -> None:

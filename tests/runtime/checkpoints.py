@@ -86,3 +86,25 @@ def randomizer_spec(directory: Path) -> dict[str, Any]:
         inputs={"input_data": "dict"},
         outputs={"output_data": "dict"},
     )
+
+
+# A variable whose unpickling starts a thread, as a library's thread pool may: a checkpoint not safe to fork.
+THREAD_ON_LOAD = """\
+import threading, time
+
+class Pool:
+    def __init__(self, size):
+        self.size = size
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        threading.Thread(target=time.sleep, args=(3600,), name="pool-worker", daemon={daemon}).start()
+
+pool = Pool(2)
+"""
+
+
+def threaded_spec(directory: Path, source: str, *, daemon: bool = True, **options: Any) -> dict[str, Any]:
+    """A launch spec whose `pool` variable (`pool.size == 2`) starts a thread named 'pool-worker' when it loads."""
+    setup = options.pop("setup", ())
+    return launch_spec(directory, source, setup=(THREAD_ON_LOAD.format(daemon=daemon), *setup), **options)

@@ -21,7 +21,7 @@ import pytest
 
 from cellnode.runtime.instance import main
 from cellnode.runtime.protocol import EXECUTE, FAILURE, INTERRUPTED, OK, PING, PONG, recv_frame, send_frame
-from tests.runtime.checkpoints import launch_spec, randomizer_spec
+from tests.runtime.checkpoints import launch_spec, randomizer_spec, threaded_spec
 
 RANDOM_INPUT = json.dumps({"input_data": {"left_bound": 1, "right_bound": 10}}).encode()
 # Runs the instance and records, at exit, every module it imported.
@@ -257,6 +257,7 @@ def test_ipython_syntax_without_ipython_exits_4(tmp_path: Path, short_dir: Path)
         ("no socket", "has no 'socket'; the backend must write one."),
         ("long socket", "is longer than 107 bytes; use a shorter runtime directory."),
         ("taken socket", "Cannot bind socket"),
+        ("bad parent", "The launch spec has parent_pid '1'; it must be a process ID."),
     ],
 )
 def test_setup_errors_exit_2(
@@ -270,12 +271,49 @@ def test_setup_errors_exit_2(
         spec_path.write_text(json.dumps({**spec, "socket": None}))
     elif case == "long socket":
         spec_path.write_text(json.dumps({**spec, "socket": "/tmp/" + "x" * 110}))
+    elif case == "bad parent":
+        spec_path.write_text(json.dumps({**spec, "parent_pid": "1"}))
     else:
         (short_dir / "i.sock").write_text("")
         spec_path.write_text(json.dumps(spec))
     argv = [] if case == "usage" else [str(spec_path)]
     assert main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_sigterm_does_not_wait_for_the_checkpoints_threads(
+    tmp_path: Path, short_dir: Path, runtimes: list[Runtime]
+) -> None:
+    spec = threaded_spec(tmp_path, "y = pool.size", daemon=False, outputs={"y": "int"})
+    runtime = Runtime(spec, short_dir)
+    runtimes.append(runtime)
+    with runtime.connect() as conn:
+        assert call(conn, EXECUTE, b"{}") == (OK, b'{"y":2}')
+    assert len(os.listdir(f"/proc/{runtime.process.pid}/task")) == 2, "the pool's thread runs"
+    runtime.process.send_signal(signal.SIGTERM)
+    assert runtime.finish()[0] == 0, "the thread is not joined"
+    assert not os.path.exists(runtime.socket)
+
+
+def test_a_load_error_after_a_thread_started_still_exits(
+    tmp_path: Path, short_dir: Path, runtimes: list[Runtime]
+) -> None:
+    runtime = Runtime(threaded_spec(tmp_path, "y = (", daemon=False), short_dir)
+    runtimes.append(runtime)
+    code, _, err = runtime.finish()
+    assert code == 4, "the pool's thread does not hold the exit"
+    assert err.splitlines()[-1].startswith("The deployed cell does not compile:")
+
+
+def test_exits_when_its_parent_is_not_the_spec_s(tmp_path: Path, short_dir: Path, runtimes: list[Runtime]) -> None:
+    # The server that wrote the spec died while the instance loaded: it was reparented before it could look.
+    gone = os.getppid()
+    runtime = Runtime({**randomizer_spec(tmp_path), "parent_pid": gone}, short_dir)
+    runtimes.append(runtime)
+    code, _, err = runtime.finish(timeout=20)
+    assert code == 0
+    assert f"The process that started this instance ({gone}) is gone; exiting." in err
+    assert not os.path.exists(runtime.socket)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cellnode.runtime.protocol import EXECUTE, EXITED, FAILURE, FORK, FORKED, OK, READY, recv_frame, send_frame
-from tests.runtime.checkpoints import launch_spec, randomizer_spec
+from tests.runtime.checkpoints import launch_spec, randomizer_spec, threaded_spec
 
 RANDOM_INPUT = json.dumps({"input_data": {"left_bound": 1, "right_bound": 10}}).encode()
 
@@ -105,7 +105,7 @@ def test_forks_reports_exits_and_exits_with_its_control_connection(
     zygote = ZygoteProcess(randomizer_spec(tmp_path), short_dir)
     zygotes.append(zygote)
     kind, ready = zygote.frame()
-    assert (kind, ready["pid"]) == (READY, zygote.process.pid)
+    assert (kind, ready["pid"], ready["fork_safe"], ready["reason"]) == (READY, zygote.process.pid, True, "")
     assert "Zygote of node 'n1' loaded 5 variables in " in zygote.log()
 
     kind, first = zygote.fork("a")
@@ -180,3 +180,31 @@ def test_a_control_fd_that_is_not_open_exits_2(tmp_path: Path, short_dir: Path) 
     assert zygote.process.wait(30) == 2
     assert "Control descriptor 1000 is not an open socket" in zygote.log()
     zygote.stop()
+
+
+@pytest.mark.parametrize("daemon", [True, False])
+def test_a_load_that_starts_a_thread_is_not_fork_safe(
+    daemon: bool, tmp_path: Path, short_dir: Path, zygotes: list[ZygoteProcess]
+) -> None:
+    zygote = ZygoteProcess(threaded_spec(tmp_path, "y = pool.size", daemon=daemon, outputs={"y": "int"}), short_dir)
+    zygotes.append(zygote)
+    kind, ready = zygote.frame()
+    reason = "the checkpoint started 1 thread while loading ('pool-worker')"
+    assert (kind, ready["pid"], ready["fork_safe"], ready["reason"]) == (READY, zygote.process.pid, False, reason)
+    assert recv_frame(zygote.control) is None, "it exits instead of forking, its thread (daemon or not) regardless"
+    assert zygote.process.wait(10) == 0
+    assert zygote.log().splitlines()[-1] == (
+        f"Zygote of node 'n1' cannot fork safely: {reason}. Its instances start as standalone processes instead, "
+        "each loading the checkpoint itself; to share one loaded copy again, start threads and CUDA in the cell, not "
+        "while the checkpoint loads."
+    )
+
+
+def test_a_load_error_after_a_thread_started_still_exits(
+    tmp_path: Path, short_dir: Path, zygotes: list[ZygoteProcess]
+) -> None:
+    zygote = ZygoteProcess(threaded_spec(tmp_path, "y = (", daemon=False), short_dir)
+    zygotes.append(zygote)
+    assert recv_frame(zygote.control) is None
+    assert zygote.process.wait(10) == 4, "the pool's thread does not hold the exit"
+    assert zygote.log().splitlines()[-1].startswith("The deployed cell does not compile:")

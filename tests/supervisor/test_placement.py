@@ -84,6 +84,8 @@ def test_an_instance_past_its_memory_cap_is_replaced(site: ServerProcess, api: C
     assert f'cellnode_instance_restarts_total{{node_id="{node["id"]}",reason="memory"}} 1.0' in text
     assert f'cellnode_instances{{node_id="{node["id"]}",status="HEALTHY"}} 1.0' in text
     assert f'cellnode_instance_start_seconds_count{{node_id="{node["id"]}"}} 2.0' in text
+    # The first instance waited for the zygote's load; its replacement was forked from the loaded zygote.
+    assert f'cellnode_checkpoint_load_seconds_count{{node_id="{node["id"]}"}} 1.0' in text
     units = next(
         line for line in text.splitlines() if line.startswith(f'cellnode_usage_units_total{{node_id="{node["id"]}"')
     )
