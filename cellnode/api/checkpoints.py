@@ -25,6 +25,7 @@ from cellnode.api.schemas import CheckpointCreate, CheckpointList, CheckpointOut
 from cellnode.checkpoint.capture import Capture, capture
 from cellnode.checkpoint.notebook import read_notebook
 from cellnode.exceptions import AlreadyExists, FailedPrecondition
+from cellnode.iam.access import Role
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Node
 
@@ -70,7 +71,7 @@ async def create_checkpoint(body: CheckpointCreate, svc: ServicesDep, caller: Ca
 def list_checkpoints(svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> CheckpointList:
     """The checkpoints of a folder, newest first."""
     with svc.db.session() as session:
-        folder = resolve_folder(session, svc, caller, folder_id)
+        folder = resolve_folder(session, svc, caller, folder_id, "viewer", "list checkpoints")
         rows = session.scalars(
             select(Checkpoint).where(Checkpoint.folder_id == folder.id).order_by(Checkpoint.created_at.desc())
         )
@@ -81,7 +82,7 @@ def list_checkpoints(svc: ServicesDep, caller: CallerDep, folder_id: str | None 
 def get_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> CheckpointOut:
     """One checkpoint, by ID or pinned name."""
     with svc.db.session() as session:
-        return _out(find_checkpoint(session, svc, caller, ref, folder_id))
+        return _out(find_checkpoint(session, svc, caller, ref, folder_id, "viewer", "read checkpoints"))
 
 
 @router.post("/{ref}:pin", response_model=CheckpointOut)
@@ -90,7 +91,7 @@ def pin_checkpoint(
 ) -> CheckpointOut:
     """Pin a checkpoint under a name (or rename a pinned one); pinned checkpoints are never evicted."""
     with svc.db.session() as session:
-        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id)
+        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id, "developer", "pin checkpoints")
         if checkpoint.name != body.name:
             _check_name_free(session, checkpoint.folder_id, body.name)
         if checkpoint.pinned_at is None:
@@ -105,7 +106,7 @@ def pin_checkpoint(
 def unpin_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> CheckpointOut:
     """Unpin a checkpoint; refused while it backs a node. If that makes 11 unpinned, the oldest other one goes."""
     with svc.db.session() as session:
-        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id)
+        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id, "developer", "unpin checkpoints")
         _check_unused(session, checkpoint, "unpinned")
         checkpoint.name, checkpoint.pinned_at = None, None
         session.flush()
@@ -119,7 +120,7 @@ def unpin_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
 def delete_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> CheckpointOut:
     """Delete a checkpoint and the blobs no other checkpoint uses; refused while it backs a node."""
     with svc.db.session() as session:
-        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id)
+        checkpoint = find_checkpoint(session, svc, caller, ref, folder_id, "developer", "delete checkpoints")
         _check_unused(session, checkpoint, "deleted")
         out = _out(checkpoint)
         shas = {v["sha256"] for v in checkpoint.variables}
@@ -128,9 +129,11 @@ def delete_checkpoint(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: 
     return out
 
 
-def find_checkpoint(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Checkpoint:
+def find_checkpoint(
+    session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None, role: Role, action: str
+) -> Checkpoint:
     """A checkpoint by ID, or by pinned name in the folder."""
-    return find_resource(session, svc, caller, Checkpoint, ref, folder_id)
+    return find_resource(session, svc, caller, Checkpoint, ref, folder_id, role, action)
 
 
 def kernel_env() -> dict[str, str]:
@@ -140,7 +143,7 @@ def kernel_env() -> dict[str, str]:
 
 def _folder_for_create(svc: Services, caller: Caller, body: CheckpointCreate) -> Folder:
     with svc.db.session() as session:
-        folder = resolve_folder(session, svc, caller, body.folder_id)
+        folder = resolve_folder(session, svc, caller, body.folder_id, "developer", "create checkpoints")
         if body.name is not None:
             _check_name_free(session, folder.id, body.name)
             _check_pinned_room(session, folder.id)

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import Settings
-from cellnode.exceptions import NotFound
+from cellnode.exceptions import NotFound, PermissionDenied
+from cellnode.iam.access import Access, Role
 from cellnode.iam.credentials import Authenticator, Caller
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
@@ -30,6 +31,7 @@ class Services:
     settings: Settings
     db: Database
     auth: Authenticator
+    access: Access
     blobs: BlobStore
     table: RoutingTable
     supervisor: Supervisor
@@ -48,7 +50,12 @@ def services(request: Request) -> Services:
 
 
 def caller(request: Request) -> Caller:
-    return services(request).auth.authenticate_sync(request.headers.get("authorization"))
+    """The authenticated caller (401 otherwise), with the role cache fresh for the checks the route makes."""
+    svc = services(request)
+    who = svc.auth.authenticate_sync(request.headers.get("authorization"))
+    request.state.caller = who  # for the audit log
+    svc.access.refresh()
+    return who
 
 
 Resource = TypeVar("Resource", Checkpoint, Node)
@@ -56,27 +63,47 @@ ServicesDep = Annotated[Services, Depends(services)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
 
-def resolve_folder(session: Session, svc: Services, who: Caller, folder_id: str | None) -> Folder:
-    """The folder a request names, or the caller's own (a service account's folder, else the default one)."""
+def resolve_folder(
+    session: Session, svc: Services, who: Caller, folder_id: str | None, role: Role, action: str
+) -> Folder:
+    """The folder a request names (by ID or name), or the caller's own (a service account's folder, else the
+    default one), once the caller is known to hold `role` on it."""
     wanted = folder_id or who.folder_id or svc.default_folder_id
     folder = session.get(Folder, wanted) or session.scalar(select(Folder).where(Folder.name == wanted))
     if folder is None:
-        raise NotFound(f"Folder {wanted!r} not found. 'cellnode folder list' shows the folders.")
+        raise NotFound(f"Folder {wanted!r} not found. 'cellnode folder list' shows the folders you can see.")
+    if folder_id is None and svc.access.role(who, folder.id) is None:
+        raise PermissionDenied(
+            f"The request names no folder, and you have no role on folder {folder.id!r} ({folder.name}), the one it "
+            "would use. Name a folder you work in (--folder, or 'folder_id'); 'cellnode folder list' shows them."
+        )
+    svc.access.require(who, folder.id, role, action)
     return folder
 
 
 def find_resource(
-    session: Session, svc: Services, who: Caller, model: type[Resource], ref: str, folder_id: str | None
+    session: Session,
+    svc: Services,
+    who: Caller,
+    model: type[Resource],
+    ref: str,
+    folder_id: str | None,
+    role: Role,
+    action: str,
 ) -> Resource:
-    """A resource by ID (in any folder), or by name in the folder the request names (or the caller's own)."""
+    """A resource by ID (in any folder), or by name in the folder the request names (or the caller's own), once
+    the caller is known to hold `role` on its folder. One in a folder the caller has no role on is not found."""
+    noun = model.__name__.lower()
     found = session.get(model, ref)
+    if found is not None and svc.access.role(who, found.folder_id) is None:
+        found = None  # Its existence is not the caller's to learn.
     if found is None:
-        folder = resolve_folder(session, svc, who, folder_id)
+        folder = resolve_folder(session, svc, who, folder_id, "viewer", f"look up {noun}s")
         found = session.scalar(select(model).where(model.folder_id == folder.id, model.name == ref))
         if found is None:
-            noun = model.__name__.lower()
             raise NotFound(
                 f"{model.__name__} {ref!r} not found in folder {folder.id!r} by ID or name. "
                 f"'cellnode {noun} list' shows the {noun}s."
             )
+    svc.access.require(who, found.folder_id, role, action)
     return found

@@ -25,6 +25,8 @@ from cellnode.api.deps import Services
 from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from cellnode.iam.access import subject
+from cellnode.iam.credentials import Caller
 from cellnode.router.instance import NotStarted
 from cellnode.router.table import NodeRoute
 from cellnode.runtime.variables import check_input, type_name
@@ -65,8 +67,7 @@ async def execute_node(request: Request) -> Response:
     inputs = data.get("input", {})
     if type(inputs) is not dict:
         raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
-    del caller  # the IAM issue checks the caller's role on the folder here
-    return await _run(svc, node_id, folder_id, inputs, request.scope[REQUEST_ID])
+    return await _run(svc, caller, node_id, folder_id, inputs, request.scope[REQUEST_ID])
 
 
 async def execute_by_header(request: Request) -> Response:
@@ -85,9 +86,9 @@ async def execute_by_header(request: Request) -> Response:
     inputs = _parse(body)
     if type(inputs) is not dict:
         raise InvalidArgument(f"The request body must be a JSON object of input variables; got {type_name(inputs)}.")
-    del caller
     # The body is the input object itself, checked above: the instance gets it as it came.
-    return await _run(svc, node_id, request.headers.get("x-folder-id"), inputs, request.scope[REQUEST_ID], body)
+    folder_id = request.headers.get("x-folder-id")
+    return await _run(svc, caller, node_id, folder_id, inputs, request.scope[REQUEST_ID], body)
 
 
 async def read_body(request: Request) -> bytes:
@@ -104,10 +105,24 @@ async def read_body(request: Request) -> bytes:
 
 
 async def _run(
-    svc: Services, node_id: str, folder_id: Any, inputs: dict[str, Any], request_id: str, raw: bytes | None = None
+    svc: Services,
+    caller: Caller,
+    node_id: str,
+    folder_id: Any,
+    inputs: dict[str, Any],
+    request_id: str,
+    raw: bytes | None = None,
 ) -> Response:
     route = svc.table.get(node_id)
     _check_folder(route, folder_id)
+    await svc.access.refresh_async()
+    if not svc.access.may_call(caller, folder_id):
+        raise PermissionDenied(
+            f"{subject(caller)} may not call node {route.node_id!r} from folder {folder_id!r}: that needs the role "
+            "'developer' (or more) on the folder, or a service account that lives in it. An admin of the folder "
+            f"can grant it: 'cellnode folder add-access-binding {folder_id} --role developer --subject "
+            f"{subject(caller)}'."
+        )
     _check_inputs(route, inputs)
     payload = raw if raw is not None else orjson.dumps(inputs)
     deadline = asyncio.get_running_loop().time() + route.timeout

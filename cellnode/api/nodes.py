@@ -24,6 +24,7 @@ from cellnode.api.schemas import (
 )
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
+from cellnode.iam.access import Role
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Instance, Node, Usage, utcnow
 from cellnode.supervisor.specs import check_spec, machine_capacity
@@ -36,11 +37,11 @@ router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
 def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOut:
     """Create a cell node from a pinned checkpoint. It starts as CREATED and turns HEALTHY once its instance is up."""
     with svc.db.session() as session:
-        folder = resolve_folder(session, svc, caller, body.folder_id)
+        folder = resolve_folder(session, svc, caller, body.folder_id, "developer", "create nodes")
         taken = session.scalar(select(Node.id).where(Node.folder_id == folder.id, Node.name == body.name))
         if taken is not None:
             raise AlreadyExists(f"Folder {folder.id!r} already has a node named {body.name!r} ({taken}).")
-        checkpoint = find_checkpoint(session, svc, caller, body.checkpoint, folder.id)
+        checkpoint = find_checkpoint(session, svc, caller, body.checkpoint, folder.id, "viewer", "use checkpoints")
         if checkpoint.pinned_at is None:
             raise FailedPrecondition(
                 f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
@@ -84,7 +85,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
 def list_nodes(svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeList:
     """The nodes of a folder."""
     with svc.db.session() as session:
-        folder = resolve_folder(session, svc, caller, folder_id)
+        folder = resolve_folder(session, svc, caller, folder_id, "viewer", "list nodes")
         rows = session.scalars(select(Node).where(Node.folder_id == folder.id).order_by(Node.created_at))
         return NodeList(nodes=[node_out(session, row) for row in rows])
 
@@ -93,14 +94,14 @@ def list_nodes(svc: ServicesDep, caller: CallerDep, folder_id: str | None = None
 def get_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
     """One node, by ID or name."""
     with svc.db.session() as session:
-        return node_out(session, find_node(session, svc, caller, ref, folder_id))
+        return node_out(session, find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes"))
 
 
 @router.delete("/{ref}", response_model=NodeOut)
 def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeOut:
     """Delete a node: it turns DELETING at once, and is gone once its instances have stopped."""
     with svc.db.session() as session:
-        node = find_node(session, svc, caller, ref, folder_id)
+        node = find_node(session, svc, caller, ref, folder_id, "developer", "delete nodes")
         node.status, node.status_message = "DELETING", ""
         session.flush()
         out = NodeOut.model_validate(node)
@@ -115,7 +116,7 @@ def update_node(
     """Change a node. A new checkpoint, variables or spec start new instances and drain the old ones, at most
     `maintenance_limit` at once, so that the node keeps answering; other fields apply at once."""
     with svc.db.session() as session:
-        node = find_node(session, svc, caller, ref, folder_id)
+        node = find_node(session, svc, caller, ref, folder_id, "developer", "change nodes")
         if node.status == "DELETING":
             raise FailedPrecondition(f"Node {node.id!r} is being deleted; it cannot be updated.")
         if body.folder_id is not None and body.folder_id != node.folder_id:
@@ -128,7 +129,7 @@ def update_node(
         rolls = False
         if body.checkpoint is not None or body.inputs is not None or body.outputs is not None:
             checkpoint = (
-                find_checkpoint(session, svc, caller, body.checkpoint, node.folder_id)
+                find_checkpoint(session, svc, caller, body.checkpoint, node.folder_id, "viewer", "use checkpoints")
                 if body.checkpoint is not None
                 else session.get(Checkpoint, node.checkpoint_id)
             )
@@ -189,7 +190,7 @@ def resume_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
 
 def _set_suspended(svc: Services, caller: Caller, ref: str, folder_id: str | None, suspended: bool) -> NodeOut:
     with svc.db.session() as session:
-        node = find_node(session, svc, caller, ref, folder_id)
+        node = find_node(session, svc, caller, ref, folder_id, "developer", "suspend or resume nodes")
         if node.status == "DELETING":
             raise FailedPrecondition(f"Node {node.id!r} is being deleted; it can be neither suspended nor resumed.")
         if not suspended and node.suspended:
@@ -214,7 +215,7 @@ def get_node_logs(
     """The node's instance output (the cell's prints included), oldest first: each line with its time, instance and
     request ID. `since` is an ISO 8601 UTC time such as `2026-11-24T01:50:00Z`."""
     with svc.db.session() as session:
-        node = find_node(session, svc, caller, ref, folder_id)
+        node = find_node(session, svc, caller, ref, folder_id, "viewer", "read node logs")
     records = read_logs(svc.settings.data_dir / "logs" / node.id, since=since, instance_id=instance, tail=tail)
     return LogList(node_id=node.id, lines=[LogLine(**vars(record)) for record in records])
 
@@ -223,7 +224,7 @@ def get_node_logs(
 def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> dict[str, Any]:
     """An OpenAPI document for calling this node, with its typed input and output variables."""
     with svc.db.session() as session:
-        node = find_node(session, svc, caller, ref, folder_id)
+        node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")
         return node_openapi(node)
 
 
@@ -235,9 +236,11 @@ def node_out(session: Session, node: Node) -> NodeOut:
     return out
 
 
-def find_node(session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None) -> Node:
-    """A node by ID, or by name in the folder."""
-    return find_resource(session, svc, caller, Node, ref, folder_id)
+def find_node(
+    session: Session, svc: Services, caller: Caller, ref: str, folder_id: str | None, role: Role, action: str
+) -> Node:
+    """A node by ID, or by name in the folder, once the caller is known to hold `role` on its folder."""
+    return find_resource(session, svc, caller, Node, ref, folder_id, role, action)
 
 
 def check_variables(
@@ -347,7 +350,7 @@ def check_capacity(session: Session, svc: Services, spec_name: str, instances: i
 
 def _move(session: Session, svc: Services, caller: Caller, node: Node, folder_ref: str) -> None:
     """Move the node to another folder: its name must be free there; usage from now on counts to the new folder."""
-    target = resolve_folder(session, svc, caller, folder_ref)
+    target = resolve_folder(session, svc, caller, folder_ref, "developer", "move nodes into")
     if target.id == node.folder_id:
         return
     taken = session.scalar(select(Node.id).where(Node.folder_id == target.id, Node.name == node.name))

@@ -50,7 +50,7 @@ def get_usage(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     with svc.db.session() as session:
-        folder = resolve_folder(session, svc, caller, folder_id)
+        folder = resolve_folder(session, svc, caller, folder_id, "viewer", "read usage")
         query = select(Usage).where(Usage.folder_id == folder.id)
         if node_id:
             query = query.where(Usage.node_id == node_id)

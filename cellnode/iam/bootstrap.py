@@ -36,7 +36,13 @@ def bootstrap(db: Database, key_path: Path) -> Bootstrap:
         )
         if admin is not None:
             return Bootstrap(folder.id, admin.id, None)
-        admin = Principal(kind="serviceAccount", name=ADMIN_ACCOUNT, folder_id=folder.id)
+        admin = Principal(
+            kind="serviceAccount",
+            name=ADMIN_ACCOUNT,
+            folder_id=folder.id,
+            server_admin=True,
+            description="Made at first start; a server admin.",
+        )
         session.add(admin)
         session.flush()
         session.add(AccessBinding(folder_id=folder.id, role="admin", principal_id=admin.id))

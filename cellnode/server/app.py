@@ -22,6 +22,7 @@ from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import BACKENDS, Settings
+from cellnode.iam.access import Access
 from cellnode.iam.bootstrap import bootstrap, write_private
 from cellnode.iam.credentials import Authenticator
 from cellnode.router.table import RoutingTable
@@ -72,6 +73,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             settings=settings,
             db=db,
             auth=Authenticator(db),
+            access=Access(db),
             blobs=blobs,
             table=table,
             supervisor=supervisor,

@@ -7,7 +7,18 @@ import string
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -61,6 +72,9 @@ class Principal(Base):
     kind: Mapped[str] = mapped_column(String(16))  # "serviceAccount" or "user"
     name: Mapped[str] = mapped_column(String(63))
     folder_id: Mapped[str | None] = mapped_column(ForeignKey("folders.id"))
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Holds `admin` on every folder, and alone manages folders and users.
+    server_admin: Mapped[bool] = mapped_column(default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -72,6 +86,7 @@ class AccessBinding(Base):
     folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"))
     role: Mapped[str] = mapped_column(String(32))
     principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    created_at: Mapped[datetime | None] = mapped_column(default=utcnow)
 
 
 class ApiKey(Base):
@@ -138,6 +153,7 @@ class Node(Base):
     inputs: Mapped[list[Any]]  # [{"name", "type"}], in declaration order
     outputs: Mapped[list[Any]]
     acl: Mapped[list[Any]]  # folder IDs allowed to call the node
+    secrets: Mapped[list[Any]] = mapped_column(default=list)  # IDs of the secrets its instances get as variables
     timeout: Mapped[float] = mapped_column(Float)
     # The instances wanted now: the API sets it for a fixed count; the autoscaler moves it in [min, max].
     instance_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
@@ -201,3 +217,39 @@ class Usage(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]
+
+
+class Secret(Base):
+    """A value kept encrypted (AES-GCM under the server's master key); the API never returns it after creation."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("folder_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="")
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_by: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AuditEvent(Base):
+    """One management action or denied request; rows are only ever added."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    principal_id: Mapped[str | None] = mapped_column(String(20))  # None: the credential was missing or bad
+    subject: Mapped[str] = mapped_column(String(64), default="")  # serviceAccount:ID, user:ID, or ""
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "nodes.create"
+    resource: Mapped[str] = mapped_column(String(255), default="")  # e.g. "node/ID"
+    folder_id: Mapped[str | None] = mapped_column(String(20), index=True)
+    result: Mapped[str] = mapped_column(String(16))  # "ok", "denied" or "failed"
+    code: Mapped[int] = mapped_column(Integer)  # the HTTP status answered
+    client: Mapped[str] = mapped_column(String(64), default="")
+    request_id: Mapped[str] = mapped_column(String(32), default="")
