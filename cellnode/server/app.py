@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cellnode._version import __version__
-from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, telemetry, usage
+from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, principals, telemetry, usage
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
@@ -105,7 +105,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
     app.add_route("/", execute.execute_by_header, methods=["POST"])
-    for module in (folders, iam, checkpoints, nodes, telemetry, usage):
+    for module in (folders, iam, principals, checkpoints, nodes, telemetry, usage):
         app.include_router(module.router)
     return execute.ExecuteFront(app)
 
