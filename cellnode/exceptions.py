@@ -16,6 +16,7 @@ CellnodeError
     ├ FailedPrecondition        # 409  FAILED_PRECONDITION (the resource is in use)
     ├ PayloadTooLarge           # 413  RESOURCE_EXHAUSTED
     ├ TooManyRequests           # 429  RESOURCE_EXHAUSTED (the node's queue is full; Retry-After says when to retry)
+    │ └ TooManyFailures         # 429  too many failed authentications from one client address
     ├ CellExecutionError        # 500  the deployed cell raised; carries NodeExecutionErrorDetails
     ├ OutputError               # 500  an output variable is missing or of the wrong type
     ├ InternalError             # 500  INTERNAL
@@ -169,6 +170,12 @@ class TooManyRequests(APIError):
     def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None, retry_after: int = 1) -> None:
         super().__init__(message, details=details)
         self.retry_after = retry_after
+
+
+class TooManyFailures(TooManyRequests):
+    """Too many failed authentications from one client address; `retry_after` says when it may try again."""
+
+    reason = "TOO_MANY_FAILED_AUTHENTICATIONS"
 
 
 class CellExecutionError(APIError):

@@ -1,4 +1,9 @@
-"""API keys and IAM tokens: minted here, stored only as sha256 hashes, checked through an in-memory cache."""
+"""API keys and IAM tokens: minted here, stored only as sha256 hashes, checked through an in-memory cache.
+
+Failed authentications are counted per client address: past `MAX_FAILURES` within `FAILURE_WINDOW` seconds, that
+address gets 429 (with Retry-After) for its next attempts with unknown credentials until the window has passed, so
+guessing keys costs the guesser, not the database. A credential already known good (cached) is never refused.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from cellnode.exceptions import Unauthenticated
+from cellnode.exceptions import TooManyFailures, Unauthenticated
 from cellnode.iam.formats import API_KEY_PREFIX, IAM_TOKEN_PREFIX
 from cellnode.store.db import Database
 from cellnode.store.models import ApiKey, IamToken, Principal
@@ -20,6 +25,9 @@ TOKEN_LIFETIME = timedelta(hours=12)
 # A cached credential is looked up again after this long, so that a revocation made by another server reaches us.
 CACHE_SECONDS = 60.0
 MAX_CACHED = 100_000
+MAX_FAILURES = 20
+FAILURE_WINDOW = 60.0
+MAX_TRACKED = 10_000
 NO_CREDENTIAL = (
     "The request has no credential. Send 'Authorization: Bearer <IAM token>' or 'Authorization: Api-Key <key>'; "
     "'cellnode iam create-token' prints a token."
@@ -56,23 +64,66 @@ class Authenticator:
         self._db = db
         # sha256 of the credential -> (caller, monotonic time until which the entry may be used)
         self._cache: dict[str, tuple[Caller, float]] = {}
+        # client address -> monotonic times of its recent failures
+        self._failures: dict[str, list[float]] = {}
 
-    async def authenticate(self, authorization: str | None) -> Caller:
+    async def authenticate(self, authorization: str | None, client: str = "") -> Caller:
         """The caller for a header value; Unauthenticated naming what is wrong, never which part matched."""
-        scheme, secret = _split(authorization)
+        scheme, secret = self._split(authorization, client)
         key = f"{scheme}:{digest(secret)}"
         cached = self._cache.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        return await asyncio.to_thread(self._lookup, scheme, secret, key)
+        self._check_failures(client)
+        try:
+            return await asyncio.to_thread(self._lookup, scheme, secret, key)
+        except Unauthenticated:
+            self._failed(client)
+            raise
 
-    def authenticate_sync(self, authorization: str | None) -> Caller:
-        scheme, secret = _split(authorization)
+    def authenticate_sync(self, authorization: str | None, client: str = "") -> Caller:
+        scheme, secret = self._split(authorization, client)
         key = f"{scheme}:{digest(secret)}"
         cached = self._cache.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        return self._lookup(scheme, secret, key)
+        self._check_failures(client)
+        try:
+            return self._lookup(scheme, secret, key)
+        except Unauthenticated:
+            self._failed(client)
+            raise
+
+    def _split(self, authorization: str | None, client: str) -> tuple[str, str]:
+        try:
+            return _split(authorization)
+        except Unauthenticated:
+            if authorization:  # A malformed credential counts; a missing one is a client that forgot it.
+                self._check_failures(client)
+                self._failed(client)
+            raise
+
+    def _check_failures(self, client: str) -> None:
+        failures = self._failures.get(client)
+        if not client or not failures:
+            return
+        now = time.monotonic()
+        recent = [t for t in failures if now - t < FAILURE_WINDOW]
+        self._failures[client] = recent
+        if len(recent) >= MAX_FAILURES:
+            wait = max(1, int(FAILURE_WINDOW - (now - recent[0])) + 1)
+            raise TooManyFailures(
+                f"Too many failed authentications from {client}: {len(recent)} in the last {FAILURE_WINDOW:g} s. "
+                f"Wait {wait} s, and check the credential you send.",
+                retry_after=wait,
+            )
+
+    def _failed(self, client: str) -> None:
+        if not client:
+            return
+        if len(self._failures) >= MAX_TRACKED and client not in self._failures:
+            self._failures.clear()  # rare; a flood from many addresses resets the count rather than the memory
+        self._failures.setdefault(client, []).append(time.monotonic())
 
     def forget(self) -> None:
         """Drop every cached credential (after a revocation)."""

@@ -115,3 +115,28 @@ def test_a_token_minted_with_a_token_ends_no_later(db: Database, tmp_path: Path)
     second, second_expiry = mint_iam_token(db, auth.authenticate_sync(f"Bearer {first}"))
     assert second_expiry == first_expiry
     assert auth.authenticate_sync(f"Bearer {second}").expires_at == first_expiry
+
+
+def test_failed_authentications_are_limited_per_client(db: Database, tmp_path: Path) -> None:
+    from cellnode.exceptions import TooManyFailures
+    from cellnode.iam.credentials import MAX_FAILURES
+
+    key = bootstrap(db, tmp_path / "admin.key").new_key
+    auth = Authenticator(db)
+    assert auth.authenticate_sync(f"Api-Key {key}", "127.0.0.9").principal_id  # cached from now on
+    for _ in range(5):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate_sync(None, "127.0.0.9")  # a forgotten header is not a guess
+    for _ in range(MAX_FAILURES):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate_sync("Api-Key cnk_guess", "127.0.0.9")
+    with pytest.raises(TooManyFailures, match=r"Too many failed authentications from 127.0.0.9: 20 in the last") as e:
+        auth.authenticate_sync("Api-Key cnk_guess-again", "127.0.0.9")
+    assert 1 <= e.value.retry_after <= 61
+    with pytest.raises(TooManyFailures):
+        asyncio.run(auth.authenticate("Bearer t1.guess", "127.0.0.9"))
+    with pytest.raises(TooManyFailures):
+        auth.authenticate_sync("NotAScheme x", "127.0.0.9")
+    assert auth.authenticate_sync(f"Api-Key {key}", "127.0.0.9").principal_id, "a known key still works"
+    with pytest.raises(Unauthenticated):
+        auth.authenticate_sync("Api-Key cnk_guess", "127.0.0.10")  # another address is not affected
