@@ -167,6 +167,49 @@ class Client:
         result: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/usage", params=params)["usage"]
         return result
 
+    def audit(
+        self, folder_id: str | None = None, *, since: datetime | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Audit events, newest first (`at`, `subject`, `action`, `resource`, `result`, `code`, `client`, ...): of a
+        folder you are an admin of, or of every such folder (a server admin: all). `limit` is at most 10000."""
+        params = {"limit": str(limit)} | ({"folder_id": folder_id} if folder_id else {})
+        if since is not None:
+            params["since"] = since.isoformat()
+        events: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/audit", params=params)["events"]
+        return events
+
+    # -- secrets
+    def create_secret(
+        self, name: str, value: str, *, description: str = "", folder_id: str | None = None
+    ) -> dict[str, Any]:
+        """A new secret in a folder (admin there). The answer, as every later one, shows the value as `***`."""
+        body = {"name": name, "value": value, "description": description, "folder_id": folder_id}
+        return self._request("POST", "/cellnode/v1/secrets", json=body)
+
+    def list_secrets(self, *, folder_id: str | None = None) -> list[dict[str, Any]]:
+        """The secrets of a folder, without their values."""
+        result: list[dict[str, Any]] = self._request("GET", "/cellnode/v1/secrets", params=_folder(folder_id))[
+            "secrets"
+        ]
+        return result
+
+    def get_secret(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        """A secret's metadata (ID or name); never its value."""
+        return self._request("GET", f"/cellnode/v1/secrets/{quote(ref, safe='')}", params=_folder(folder_id))
+
+    def update_secret(
+        self, ref: str, *, value: str | None = None, description: str | None = None, folder_id: str | None = None
+    ) -> dict[str, Any]:
+        """A new value (bumps `version`; nodes get it in instances started from now on, as at their next roll:
+        `update_node(ref, roll=True)`), a new description, or both."""
+        changes = {key: val for key, val in (("value", value), ("description", description)) if val is not None}
+        path = f"/cellnode/v1/secrets/{quote(ref, safe='')}"
+        return self._request("PATCH", path, json=changes, params=_folder(folder_id))
+
+    def delete_secret(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        """Delete a secret; FailedPrecondition naming the nodes that still use it."""
+        return self._request("DELETE", f"/cellnode/v1/secrets/{quote(ref, safe='')}", params=_folder(folder_id))
+
     # -- checkpoints
     def create_checkpoint(
         self,
@@ -229,13 +272,15 @@ class Client:
         zones: list[str] | None = None,
         maintenance_limit: int | None = None,
         state: str | None = None,
+        secrets: list[str] | None = None,
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
         """Create a cell node; with `wait`, return once it is HEALTHY (or raise if it FAILED).
 
         `instances` fixes the number of instances; `min_instances`/`max_instances` let the autoscaler move it.
-        `zones` are `ZONE` or `ZONE:SUBNET` strings; instances are spread over them in turn.
+        `zones` are `ZONE` or `ZONE:SUBNET` strings; instances are spread over them in turn. `secrets` names secrets
+        of the node's folder; its instances get each as an environment variable of the secret's name.
         """
         body: dict[str, Any] = {
             "name": name,
@@ -256,6 +301,7 @@ class Client:
             ("zones", _zones(zones)),
             ("maintenance_limit", maintenance_limit),
             ("state", state),
+            ("secrets", secrets),
         )
         for key, value in optional:
             if value is not None:
@@ -284,8 +330,9 @@ class Client:
     ) -> dict[str, Any]:
         """Change a node: `name`, `description`, `move_to` (a folder), `checkpoint`, `inputs`, `outputs`, `acl`,
         `timeout`, `instances`, `min_instances`, `max_instances`, `max_queue`, `spec`, `zones`, `state`,
-        `maintenance_limit`. `folder_id` is where to find the node by name. With `wait`, return once every instance
-        runs the new version."""
+        `maintenance_limit`, `secrets` (all of them; a changed list rolls), `roll` (True: roll even if nothing else
+        asks for it, to pick up changed secret values). `folder_id` is where to find the node by name. With `wait`,
+        return once every instance runs the new version."""
         if "instances" in changes:
             changes["instance_count"] = changes.pop("instances")
         if "move_to" in changes:

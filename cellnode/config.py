@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cellnode.exceptions import ConfigError
@@ -71,8 +72,25 @@ class Settings(BaseSettings):
     log_max_mb: int = Field(
         200, ge=1, description="MB of log files kept per node; the oldest ended instances' go first. Default 200."
     )
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS (with tls_key).")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    insecure: bool = Field(
+        False,
+        description="Allow plain HTTP on an address other than loopback: credentials and data cross the network in "
+        "clear, so only behind a TLS proxy on the same machine.",
+    )
+    auth_failure_limit: int = Field(
+        20, ge=0, description="Failed authentications a client address may make per minute before 429; 0: no limit."
+    )
     idle_timeout: int = Field(
         300, ge=1, le=86_400, description="Seconds an idle client connection stays open. Defaults to 300."
+    )
+    # A SecretStr never prints; it is checked (base64 of 32 bytes) where it is used, in `cellnode.iam.secrets`,
+    # because a validation error here would quote the value.
+    master_key: SecretStr | None = Field(
+        None,
+        description="Base64 of the 32-byte key that encrypts secrets. Default: DATA_DIR/master.key, made at first "
+        "start. Set it on every server that shares a database.",
     )
 
     @field_validator("backend")
@@ -81,6 +99,18 @@ class Settings(BaseSettings):
         if value not in BACKENDS:
             raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(sorted(BACKENDS))}")
         return value
+
+    @model_validator(mode="after")
+    def _safe_listening(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert (CELLNODE_TLS_CERT) and tls_key (CELLNODE_TLS_KEY), or neither")
+        if not is_loopback(self.host) and self.tls_cert is None and not self.insecure:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address, and without TLS API keys and data would cross the "
+                "network in clear; give --tls-cert and --tls-key, or --insecure if a TLS proxy on this machine "
+                "fronts the server"
+            )
+        return self
 
     @field_validator("data_dir")
     @classmethod
@@ -99,6 +129,16 @@ class Settings(BaseSettings):
         return self.data_dir / "admin.key"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # Backends by name, resolved once when the server starts (uvicorn's `loops/auto.py` pattern).
 BACKENDS = {"local": "cellnode.backends.local:LocalBackend"}
 
@@ -112,5 +152,8 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             key = ".".join(str(part) for part in error["loc"])
+            if not key:  # A rule across settings: its input is all of them, secrets included; never print it.
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
             problems.append(f"{key} (CELLNODE_{key.upper()}) has value {error.get('input')!r}: {error['msg']}")
         raise ConfigError("Invalid settings: " + "; ".join(problems) + ".") from exc

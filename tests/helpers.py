@@ -17,7 +17,7 @@ import httpx
 
 from cellnode.client import Client
 
-URL_LINE = re.compile(r"serving (http://\S+)")
+URL_LINE = re.compile(r"serving (https?://\S+)")
 PR_SET_PDEATHSIG = 1
 
 

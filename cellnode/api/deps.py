@@ -15,10 +15,12 @@ from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import Settings
 from cellnode.exceptions import NotFound, PermissionDenied
 from cellnode.iam.access import Access, Role
+from cellnode.iam.audit import AuditLog
 from cellnode.iam.credentials import Authenticator, Caller
+from cellnode.iam.secrets import SecretBox
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Checkpoint, Folder, Node
+from cellnode.store.models import Checkpoint, Folder, Node, Secret
 from cellnode.supervisor.specs import Spec
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
@@ -42,6 +44,8 @@ class Services:
     specs: dict[str, Spec]  # the instance spec table in force
     gpus: int  # GPUs on this machine, counted at start
     zones: tuple[str, ...]  # of the backend
+    audit: AuditLog  # management actions and denied requests; see cellnode/iam/audit.py
+    secret_box: SecretBox  # encrypts secret values under the master key
 
 
 def services(request: Request) -> Services:
@@ -52,13 +56,14 @@ def services(request: Request) -> Services:
 def caller(request: Request) -> Caller:
     """The authenticated caller (401 otherwise), with the role cache fresh for the checks the route makes."""
     svc = services(request)
-    who = svc.auth.authenticate_sync(request.headers.get("authorization"))
+    client = request.client.host if request.client is not None else ""
+    who = svc.auth.authenticate_sync(request.headers.get("authorization"), client)
     request.state.caller = who  # for the audit log
     svc.access.refresh()
     return who
 
 
-Resource = TypeVar("Resource", Checkpoint, Node)
+Resource = TypeVar("Resource", Checkpoint, Node, Secret)
 ServicesDep = Annotated[Services, Depends(services)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
@@ -96,7 +101,7 @@ def find_resource(
     noun = model.__name__.lower()
     found = session.get(model, ref)
     if found is not None and svc.access.role(who, found.folder_id) is None:
-        found = None  # Its existence is not the caller's to learn.
+        found = None  # Its existence is not the caller's to learn: answer as for an ID that does not exist.
     if found is None:
         folder = resolve_folder(session, svc, who, folder_id, "viewer", f"look up {noun}s")
         found = session.scalar(select(model).where(model.folder_id == folder.id, model.name == ref))

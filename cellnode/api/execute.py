@@ -21,11 +21,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from cellnode.api.audit import client_of, record_refused
 from cellnode.api.deps import Services
 from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from cellnode.iam.access import subject
+from cellnode.iam.audit import DENIED
 from cellnode.iam.credentials import Caller
 from cellnode.router.instance import NotStarted
 from cellnode.router.table import NodeRoute
@@ -38,6 +40,9 @@ MANAGEMENT_PREFIX = "/cellnode/v1/"
 MAX_ATTEMPTS = 3
 # The scope key of the request's ID: sent to the instance for its log lines, and back as `x-request-id`.
 REQUEST_ID = "cellnode.request_id"
+# Scope keys of the caller and the folder named in the body, for the audit row of a denied call.
+CALLER = "cellnode.caller"
+FOLDER = "cellnode.folder_id"
 # Notebooks can carry outputs (images), so the management API allows more than the 16 MB of an execute call.
 MAX_MANAGEMENT_BYTES = 64 * 1024 * 1024
 EXECUTE_SUFFIX = ":execute"
@@ -47,7 +52,9 @@ logger = logging.getLogger("cellnode.api")
 async def execute_node(request: Request) -> Response:
     """The reference REST call: body `{"folder_id": ..., "input": {...}}`, answer `{"output": {...}}`."""
     svc: Services = request.app.state.services
-    caller = await svc.auth.authenticate(request.headers.get("authorization"))
+    request.scope[CALLER] = caller = await svc.auth.authenticate(
+        request.headers.get("authorization"), client_address(request)
+    )
     node_id = request.path_params["node_id"]
     data = _parse(await read_body(request))
     if type(data) is not dict:
@@ -64,6 +71,7 @@ async def execute_node(request: Request) -> Response:
             "or make the two agree."
         )
     folder_id = data.get("folder_id", data.get("folderId")) or request.headers.get("x-folder-id")
+    request.scope[FOLDER] = folder_id
     inputs = data.get("input", {})
     if type(inputs) is not dict:
         raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
@@ -73,7 +81,9 @@ async def execute_node(request: Request) -> Response:
 async def execute_by_header(request: Request) -> Response:
     """The node-proxy form: headers `x-node-id` and `x-folder-id`, the input object itself as the body."""
     svc: Services = request.app.state.services
-    caller = await svc.auth.authenticate(request.headers.get("authorization"))
+    request.scope[CALLER] = caller = await svc.auth.authenticate(
+        request.headers.get("authorization"), client_address(request)
+    )
     node_id = request.headers.get("x-node-id")
     if not node_id:
         if request.headers.get("x-node-alias"):
@@ -205,6 +215,7 @@ class ExecuteFront:
                 # Before FastAPI reads (and parses) any body: who is asking, and how much they send.
                 refused = await _guard_management(Request(scope, receive), self.app)
                 if refused is not None:
+                    record_refused(self.app, scope, refused.status_code)
                     await refused(scope, receive, send)
                     return
             await self.app(scope, receive, send)
@@ -221,6 +232,8 @@ class ExecuteFront:
             logger.exception("Unexpected error on POST %s", scope["path"])
             response = error_response(InternalError("Internal error; the server log has the details."))
         response.headers["x-request-id"] = request_id
+        if response.status_code in DENIED or (response.status_code == 429 and CALLER not in scope):
+            _audit_denied(request, response.status_code, request_id)  # 429 before authentication: throttled
         await response(scope, receive, send)
         _observe(request, scope["path"], response.status_code, started)
 
@@ -243,7 +256,9 @@ async def _guard_management(request: Request, app: FastAPI) -> Response | None:
     """The error answer for a management request without a valid credential or over the size limit, else None."""
     svc: Services = app.state.services
     try:
-        await svc.auth.authenticate(request.headers.get("authorization"))
+        request.state.caller = await svc.auth.authenticate(
+            request.headers.get("authorization"), client_address(request)
+        )  # for the audit log
     except APIError as exc:
         return error_response(exc)
     declared = request.headers.get("content-length")
@@ -257,9 +272,32 @@ async def _guard_management(request: Request, app: FastAPI) -> Response | None:
     return None
 
 
+def _audit_denied(request: Request, code: int, request_id: str) -> None:
+    """Record a denied execute call in the audit log (only these: a successful call is counted by the metrics)."""
+    svc: Services = request.app.state.services
+    scope = request.scope
+    node_id = request.headers.get("x-node-id") if scope["path"] == "/" else request.path_params.get("node_id")
+    folder = scope.get(FOLDER) or request.headers.get("x-folder-id")
+    svc.audit.record(
+        action="nodes.execute",
+        code=code,
+        resource=f"node/{node_id}" if node_id else "",
+        folder=folder if isinstance(folder, str) else None,
+        caller=scope.get(CALLER),
+        client=client_of(scope),
+        request_id=request_id,
+        result="denied",
+    )
+
+
 def _observe(request: Request, path: str, code: int, started: float) -> None:
     """Count an execute request in the node metrics, if it named a node that exists."""
     svc: Services = request.app.state.services
     node_id = request.headers.get("x-node-id") if path == "/" else request.path_params.get("node_id")
     if node_id and svc.table.find(node_id) is not None:
         svc.metrics.observe(node_id, path, code, (time.perf_counter() - started) * 1000)
+
+
+def client_address(request: Request) -> str:
+    """The peer's address, for counting failed authentications (empty when unknown)."""
+    return request.client.host if request.client is not None else ""

@@ -22,6 +22,7 @@ from cellnode.api.schemas import (
     VariableDecl,
     ZoneDecl,
 )
+from cellnode.api.secrets import check_node_secrets, resolve_secrets, secret_names
 from cellnode.checkpoint.analysis import analyze_cell, transform_cell
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument
 from cellnode.iam.access import Role
@@ -53,6 +54,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
         check_capacity(session, svc, body.spec, high, None)
         cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
         acl = _check_acl(session, body.acl, folder)
+        secrets = resolve_secrets(session, folder.id, body.secrets or [])
         node = Node(
             folder_id=folder.id,
             name=body.name,
@@ -61,6 +63,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             inputs=[v.model_dump() for v in body.inputs],
             outputs=[v.model_dump() for v in body.outputs],
             acl=acl,
+            secrets=secrets,
             timeout=body.timeout,
             instance_count=count,
             min_instances=low,
@@ -76,7 +79,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
         )
         session.add(node)
         session.flush()
-        out = NodeOut.model_validate(node)
+        out = node_out(session, node)
     svc.supervisor.notify()
     return out
 
@@ -104,7 +107,7 @@ def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
         node = find_node(session, svc, caller, ref, folder_id, "developer", "delete nodes")
         node.status, node.status_message = "DELETING", ""
         session.flush()
-        out = NodeOut.model_validate(node)
+        out = node_out(session, node)
     svc.supervisor.notify()
     return out
 
@@ -126,7 +129,13 @@ def update_node(
             if taken is not None:
                 raise AlreadyExists(f"Folder {node.folder_id!r} already has a node named {body.name!r} ({taken}).")
             node.name = body.name
-        rolls = False
+        rolls = body.roll
+        if body.secrets is not None:
+            secrets = resolve_secrets(session, node.folder_id, body.secrets)
+            rolls = rolls or set(secrets) != set(node.secrets)  # the same secrets in another order: same variables
+            node.secrets = secrets
+        elif node.secrets:
+            check_node_secrets(session, node)  # after a move
         if body.checkpoint is not None or body.inputs is not None or body.outputs is not None:
             checkpoint = (
                 find_checkpoint(session, svc, caller, body.checkpoint, node.folder_id, "viewer", "use checkpoints")
@@ -231,6 +240,7 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
 def node_out(session: Session, node: Node) -> NodeOut:
     """A node with its instances as the supervisor last observed them."""
     out = NodeOut.model_validate(node)
+    out.secrets = secret_names(session, node.secrets)
     rows = session.scalars(select(Instance).where(Instance.node_id == node.id).order_by(Instance.slot))
     out.instances = [InstanceOut.model_validate(row) for row in rows]
     return out

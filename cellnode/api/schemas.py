@@ -110,6 +110,8 @@ class VariableDecl(BaseModel):
 
 ZONE_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_INSTANCES = 64
+MAX_NODE_SECRETS = 16  # each value is at most 64 KiB; an environment must stay well under ARG_MAX (2 MiB)
+SECRETS_HELP = "Secrets of the node's folder (names or IDs) its instances get as environment variables, by name."
 
 
 class ZoneDecl(BaseModel):
@@ -184,11 +186,12 @@ class NodeCreate(_Scaling):
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
     )
+    secrets: list[str] | None = Field(None, max_length=MAX_NODE_SECRETS, description=SECRETS_HELP)
 
 
 class NodeUpdate(_Scaling):
-    """Only the fields given change. A new checkpoint, variables, spec, state or zones roll the instances; the rest
-    apply at once (a moved folder, instance counts, timeouts, ACL)."""
+    """Only the fields given change. A new checkpoint, variables, spec, state, zones or secrets roll the instances;
+    the rest apply at once (a moved folder, instance counts, timeouts, ACL)."""
 
     name: ResourceName | None = None
     description: str | None = Field(None, max_length=1024)
@@ -204,6 +207,12 @@ class NodeUpdate(_Scaling):
     state: StatePolicy | None = Field(None, description=STATE_HELP)
     maintenance_limit: int | None = Field(
         None, ge=1, le=MAX_INSTANCES, description="Instances replaced at once in a roll."
+    )
+    secrets: list[str] | None = Field(
+        None, max_length=MAX_NODE_SECRETS, description=SECRETS_HELP + " All of them; a changed list rolls."
+    )
+    roll: bool = Field(
+        False, description="Roll the instances even if nothing else asks for it (to pick up changed secret values)."
     )
 
 
@@ -241,6 +250,7 @@ class NodeOut(_Out):
     generation: int
     maintenance_limit: int
     rollout_error: str = Field("", description="Why the roll to `generation` stopped; the previous version serves.")
+    secrets: list[str] = Field(default_factory=list, description="Names of the secrets its instances get.")
     status: str
     status_message: str
     instances: list[InstanceOut] = Field(default_factory=list, description="Each running instance, as observed.")

@@ -37,7 +37,7 @@ class InstanceSpec:
     instance_id: str
     launch: dict[str, Any]
     log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secret values: never printed
     zone: str = "local"
     subnet: str = ""
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cellnode._version import __version__
-from cellnode.cli import checkpoint, folder, iam, node, usage
+from cellnode.cli import audit, checkpoint, folder, iam, node, secret, usage
 from cellnode.cli._common import Connection
 from cellnode.exceptions import CellnodeError
 
@@ -22,8 +22,10 @@ app.add_typer(folder.app, name="folder")
 app.add_typer(iam.app, name="iam")
 app.add_typer(checkpoint.app, name="checkpoint")
 app.add_typer(node.app, name="node")
+app.add_typer(secret.app, name="secret")
 app.add_typer(usage.app, name="spec")
 app.command("usage")(usage.usage)
+app.command("audit")(audit.audit)
 
 
 def _version(value: bool) -> None:
@@ -71,6 +73,16 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(envvar="CELLNODE_LOG_LEVEL", help="debug, info, warning or error. Default: info.")
     ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(envvar="CELLNODE_TLS_CERT", help="PEM certificate: HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(envvar="CELLNODE_TLS_KEY", help="PEM key of --tls-cert.")] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure",
+            envvar="CELLNODE_INSECURE",
+            help="Plain HTTP on a non-loopback address: keys and data in clear. Only behind a local TLS proxy.",
+        ),
+    ] = None,
 ) -> None:
     """Run the server: the management and execute APIs, and the nodes' instances. Stop with Ctrl-C or SIGTERM.
 
@@ -79,7 +91,18 @@ def serve(
     from cellnode.config import load_settings
     from cellnode.server.serve import serve as run
 
-    run(load_settings(host=host, port=port, data_dir=data_dir, log_level=log_level, idle_timeout=idle_timeout))
+    run(
+        load_settings(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            log_level=log_level,
+            idle_timeout=idle_timeout,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            insecure=insecure,
+        )
+    )
 
 
 def main() -> None:

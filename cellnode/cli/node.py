@@ -51,6 +51,7 @@ def _show(node: dict[str, Any]) -> None:
             ("max_instances", "Max instances"),
             ("zones", "Zones"),
             ("max_queue", "Queue"),
+            ("secrets", "Secrets"),
             ("description", "Description"),
         ],
     )
@@ -73,6 +74,10 @@ def _show(node: dict[str, Any]) -> None:
 
 MinOption = Annotated[int | None, typer.Option(help="Fewest instances the autoscaler keeps. Default: 1.")]
 MaxOption = Annotated[int | None, typer.Option(help="Most instances the autoscaler starts. Default: the minimum.")]
+SecretOption = Annotated[
+    list[str] | None,
+    typer.Option("--secret", help="Secret of the node's folder (name or ID), given as a variable; repeatable."),
+]
 ZoneOption = Annotated[
     list[str] | None,
     typer.Option("--zone", help="ZONE[:SUBNET] to spread instances over, repeatable. Default: every zone ('local')."),
@@ -111,6 +116,7 @@ def create(
         str | None,
         typer.Option(help="isolated (default: bindings restored per request), persistent (changes stay), fork."),
     ] = None,
+    secret: SecretOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -141,6 +147,7 @@ def create(
             zones=zone,
             maintenance_limit=maintenance_limit,
             state=state,
+            secrets=secret,
             wait=wait,
         )
     emit(node, as_json, _show)
@@ -212,6 +219,13 @@ def update(
     move_to: Annotated[str | None, typer.Option(help="Move the node to this folder (ID or name).")] = None,
     state: Annotated[str | None, typer.Option(help="isolated, persistent or fork (rolls the instances).")] = None,
     maintenance_limit: Annotated[int | None, typer.Option(help="Instances replaced at once in a roll.")] = None,
+    secret: Annotated[
+        list[str] | None, typer.Option("--secret", help="Secrets (name or ID), repeatable: all (rolls if changed).")
+    ] = None,
+    no_secrets: Annotated[bool, typer.Option("--no-secrets", help="Take every secret from the node (rolls).")] = False,
+    roll: Annotated[
+        bool, typer.Option("--roll", help="Roll the instances even if nothing else changed (new secret values).")
+    ] = False,
     folder: FolderOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until every instance runs the new version.")] = True,
     as_json: JsonOption = False,
@@ -237,7 +251,11 @@ def update(
         "move_to": move_to,
         "state": state,
         "maintenance_limit": maintenance_limit,
+        "secrets": [] if no_secrets else secret,
+        "roll": roll or None,
     }
+    if no_secrets and secret:
+        raise typer.BadParameter("give --secret or --no-secrets, not both", param_hint="--no-secrets")
     with client() as api:
         found = api.update_node(
             node, folder_id=folder, wait=wait, **{key: value for key, value in changes.items() if value is not None}

@@ -1,6 +1,7 @@
 """API keys and IAM tokens: minted here, stored only as sha256 hashes, checked through an in-memory cache.
 
-Failed authentications are counted per client address: past `MAX_FAILURES` within `FAILURE_WINDOW` seconds, that
+Failed authentications are counted per client address: past `failure_limit` (`MAX_FAILURES` by default) within
+`FAILURE_WINDOW` seconds, that
 address gets 429 (with Retry-After) for its next attempts with unknown credentials until the window has passed, so
 guessing keys costs the guesser, not the database. A credential already known good (cached) is never refused.
 """
@@ -60,8 +61,9 @@ def new_iam_token() -> str:
 class Authenticator:
     """Turns an Authorization header into a Caller; the hot path hits only the cache."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, failure_limit: int = MAX_FAILURES) -> None:
         self._db = db
+        self._failure_limit = failure_limit  # per client address per FAILURE_WINDOW; 0: no limit
         # sha256 of the credential -> (caller, monotonic time until which the entry may be used)
         self._cache: dict[str, tuple[Caller, float]] = {}
         # client address -> monotonic times of its recent failures
@@ -105,12 +107,12 @@ class Authenticator:
 
     def _check_failures(self, client: str) -> None:
         failures = self._failures.get(client)
-        if not client or not failures:
+        if not client or not failures or not self._failure_limit:
             return
         now = time.monotonic()
         recent = [t for t in failures if now - t < FAILURE_WINDOW]
         self._failures[client] = recent
-        if len(recent) >= MAX_FAILURES:
+        if len(recent) >= self._failure_limit:
             wait = max(1, int(FAILURE_WINDOW - (now - recent[0])) + 1)
             raise TooManyFailures(
                 f"Too many failed authentications from {client}: {len(recent)} in the last {FAILURE_WINDOW:g} s. "

@@ -17,14 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cellnode._version import __version__
-from cellnode.api import checkpoints, errors, execute, folders, iam, nodes, principals, telemetry, usage
+from cellnode.api import audit, checkpoints, errors, execute, folders, iam, nodes, principals, secrets, telemetry, usage
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import BACKENDS, Settings
 from cellnode.iam.access import Access
+from cellnode.iam.audit import AuditLog
 from cellnode.iam.bootstrap import bootstrap, write_private
 from cellnode.iam.credentials import Authenticator
+from cellnode.iam.secrets import SecretBox
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
 from cellnode.supervisor.autoscale import AutoscalePolicy
@@ -37,6 +39,7 @@ logger = logging.getLogger("cellnode.server")
 
 def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> execute.ExecuteFront:
     """The application; the lifespan opens the store, runs migrations, bootstraps, and starts the supervisor."""
+    secret_box = SecretBox.load(settings)  # now, so that a bad master key stops `serve` with a one-line error
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +47,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         db = Database(settings.db_url)
         db.migrate()
         first = bootstrap(db, settings.admin_key_path)
+        secret_box.check(db)
         if first.new_key is not None and announce is not None:
             announce(
                 f"Created the default folder {first.folder_id} and an admin service account.\n"
@@ -68,11 +72,12 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             ),
             metrics=metrics,
             log_limits=(settings.log_retention_hours * 3600, settings.log_max_mb * 2**20),
+            secret_box=secret_box,
         )
         app.state.services = Services(
             settings=settings,
             db=db,
-            auth=Authenticator(db),
+            auth=Authenticator(db, failure_limit=settings.auth_failure_limit),
             access=Access(db),
             blobs=blobs,
             table=table,
@@ -84,12 +89,16 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             specs=specs,
             gpus=await asyncio.to_thread(count_gpus),
             zones=backend.zones,
+            audit=AuditLog(db),
+            secret_box=secret_box,
         )
         await supervisor.start()
         try:
             yield
         finally:
             logger.info("Stopping all instances.")
+            # After the last request, and first: the audit rows still queued are written whatever fails next.
+            await asyncio.to_thread(app.state.services.audit.close)
             await supervisor.close()
             app.state.services.captures.shutdown(wait=False, cancel_futures=True)
             db.close()
@@ -102,11 +111,13 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(audit.AuditMiddleware)
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
     app.add_route("/", execute.execute_by_header, methods=["POST"])
-    for module in (folders, iam, principals, checkpoints, nodes, telemetry, usage):
+    for module in (folders, iam, principals, checkpoints, nodes, secrets, telemetry, usage):
         app.include_router(module.router)
+    app.include_router(audit.router)
     return execute.ExecuteFront(app)
 
 

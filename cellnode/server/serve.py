@@ -34,7 +34,7 @@ def serve(settings: Settings) -> None:
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}"
+    url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
     app = build_app(settings, announce=_announce)
     write_profile(settings, url)
     print(f"cellnode {__version__} serving {url} (data in {settings.data_dir})", flush=True)
@@ -45,6 +45,8 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=10,
         timeout_keep_alive=settings.idle_timeout,
         h11_max_incomplete_event_size=None,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
     server = uvicorn.Server(config)
     try:

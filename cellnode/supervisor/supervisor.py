@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
 from cellnode.checkpoint.blobs import BlobStore
-from cellnode.exceptions import Unavailable
+from cellnode.exceptions import ConfigError, Unavailable
+from cellnode.iam.secrets import SecretBox
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
@@ -110,7 +112,9 @@ class Supervisor:
         autoscale: AutoscalePolicy | None = None,
         metrics: Metrics | None = None,
         log_limits: tuple[float, int] = (7 * 86_400.0, 200 * 2**20),
+        secret_box: SecretBox | None = None,
     ) -> None:
+        self._secret_box = secret_box  # decrypts nodes' secrets into their instances' environment
         self._log_retention, self._log_max_bytes = log_limits
         self._liveness_interval, self._liveness_timeout = liveness
         self._autoscale = autoscale or AutoscalePolicy()
@@ -641,6 +645,7 @@ class Supervisor:
                 for v in checkpoint.variables
             ]
             imports = dict(checkpoint.imports)
+            secrets = self._secret_env(session, node)
         launch = {
             "node_id": node.id,
             "instance_id": instance_id,
@@ -656,10 +661,20 @@ class Supervisor:
             instance_id=instance_id,
             launch=launch,
             log_path=self._logs_dir / node.id,
-            env=spec.environment(self._cpus),
+            env={**secrets, **spec.environment(self._cpus)},
             zone=zone["zone"],
             subnet=zone.get("subnet", ""),
         )
+
+    def _secret_env(self, session: Session, node: Node) -> dict[str, str]:
+        """The node's secrets, decrypted now, so that a changed value reaches every instance started from here on."""
+        if not node.secrets:
+            return {}
+        assert self._secret_box is not None, "a server with secrets gives its supervisor a SecretBox"
+        try:
+            return self._secret_box.environment(session, node.secrets, node.id)
+        except ConfigError as exc:  # gone or undecryptable; the message names the secret, never a value
+            raise InstanceFailed(f"The node's secrets cannot be given to the instance: {exc}") from exc
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
         code = await running.handle.wait()

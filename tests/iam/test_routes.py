@@ -51,6 +51,7 @@ def rules(ids: dict[str, str]) -> dict[tuple[str, str], Rule]:
         ("GET", "/metrics"): Rule(ANY),
         ("GET", "/cellnode/v1/specs"): Rule(ANY),
         ("GET", "/cellnode/v1/usage"): Rule("viewer", params=folder),
+        ("GET", "/cellnode/v1/audit"): Rule("admin", params=folder),
         ("GET", "/cellnode/v1/folders"): Rule(ANY),
         ("POST", "/cellnode/v1/folders"): Rule("server_admin", {"name": "walked"}),
         ("GET", "/cellnode/v1/folders/{ref}"): Rule("viewer"),
@@ -89,6 +90,11 @@ def rules(ids: dict[str, str]) -> dict[tuple[str, str], Rule]:
         ("POST", "/cellnode/v1/nodes/{ref}:resume"): Rule("developer"),
         ("GET", "/cellnode/v1/nodes/{ref}/logs"): Rule("viewer"),
         ("GET", "/cellnode/v1/nodes/{ref}/openapi.json"): Rule("viewer"),
+        ("POST", "/cellnode/v1/secrets"): Rule("admin", {"name": "WALKED_TOO", "value": "walked", **folder}),
+        ("GET", "/cellnode/v1/secrets"): Rule("developer", params=folder),
+        ("GET", "/cellnode/v1/secrets/{ref}"): Rule("developer"),
+        ("PATCH", "/cellnode/v1/secrets/{ref}"): Rule("admin", {"description": "walked"}),
+        ("DELETE", "/cellnode/v1/secrets/{ref}"): Rule("admin"),
         # The execute API is served outside FastAPI's routing, so the OpenAPI document does not list it.
         ("POST", "/datasphere/v1/nodes/{node_id}:execute"): Rule("developer", {"input": {}, **folder}),
     }
@@ -97,7 +103,9 @@ def rules(ids: dict[str, str]) -> dict[tuple[str, str], Rule]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     home = tmp_path_factory.mktemp("routes")
-    server = ServerProcess(home / "data", env={"CELLNODE_PROFILE": str(home / "profile.json")}).start()
+    # Hundreds of bad credentials from one address: without a higher limit they would get 429 instead of 401.
+    env = {"CELLNODE_PROFILE": str(home / "profile.json"), "CELLNODE_AUTH_FAILURE_LIMIT": "100000"}
+    server = ServerProcess(home / "data", env=env).start()
     with server.client() as admin:
         folder = admin.create_folder("walked-folder")["id"]
         keys = {"server_admin": server.key}
@@ -109,6 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         path = notebook(home, "x = 1", "y = x")
         checkpoint = admin.create_checkpoint(path, name="walked", folder_id=folder)
         node = admin.create_node("walked", checkpoint="walked", inputs={}, outputs={"y": "int"}, folder_id=folder)
+        secret = admin.create_secret("WALKED", "walked", folder_id=folder)
         victim_user = admin.create_user("victim")
         victim_account = admin.create_service_account("victim", folder_id=folder)
         victim_key = admin.create_api_key(principal_id=victim_account["id"])
@@ -126,6 +135,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "folder": folder,
         "checkpoint": checkpoint["id"],
         "node": node["id"],
+        "secret": secret["id"],
         "victim_user": victim_user["id"],
         "victim_account": victim_account["id"],
         "victim_key": victim_key["id"],
@@ -145,6 +155,8 @@ def fill(path: str, ids: dict[str, str]) -> str:
     ref = ids["folder"] if path.startswith("/cellnode/v1/folders") else ids["node"]
     if path.startswith("/cellnode/v1/checkpoints"):
         ref = ids["checkpoint"]
+    if path.startswith("/cellnode/v1/secrets"):
+        ref = ids["secret"]
     return (
         path.replace("{ref}", ref)
         .replace("{node_id}", ids["node"])
