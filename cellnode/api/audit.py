@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cellnode.api.deps import CallerDep, Services, ServicesDep
+from cellnode.api.deps import CallerDep, Services, ServicesDep, client_of
 from cellnode.exceptions import InvalidArgument, TooManyFailures
 from cellnode.iam.audit import CHANGES, DENIED, describe
 from cellnode.iam.credentials import Caller
@@ -229,9 +229,3 @@ def _query_folder(scope: Scope) -> str | None:
         return None
     values = parse_qs(query.decode("latin-1")).get("folder_id")
     return values[0] if values else None
-
-
-def client_of(scope: Scope) -> str:
-    """The client's address, as the connection gives it (no proxy header is trusted)."""
-    client = scope.get("client")
-    return str(client[0]) if client else ""

@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.types import Scope
 
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import Settings
@@ -54,13 +55,24 @@ def services(request: Request) -> Services:
 
 
 def caller(request: Request) -> Caller:
-    """The authenticated caller (401 otherwise), with the role cache fresh for the checks the route makes."""
+    """The authenticated caller (401 otherwise), with the role cache fresh for the checks the route makes.
+
+    The execute front authenticates every `/cellnode/v1/` request before FastAPI reads its body, and leaves the caller
+    in `request.state.caller` (which the audit log reads too); other routes (`/metrics`) authenticate here.
+    """
     svc = services(request)
-    client = request.client.host if request.client is not None else ""
-    who = svc.auth.authenticate_sync(request.headers.get("authorization"), client)
-    request.state.caller = who  # for the audit log
+    who = getattr(request.state, "caller", None)
+    if not isinstance(who, Caller):
+        who = svc.auth.authenticate_sync(request.headers.get("authorization"), client_of(request.scope))
+        request.state.caller = who
     svc.access.refresh()
     return who
+
+
+def client_of(scope: Scope) -> str:
+    """The client's address, as the connection gives it (no proxy header is trusted); empty when unknown."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 Resource = TypeVar("Resource", Checkpoint, Node, Secret)

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from cellnode.api.audit import client_of, record_refused
-from cellnode.api.deps import Services
+from cellnode.api.audit import record_refused
+from cellnode.api.deps import Services, client_of
 from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
@@ -53,7 +53,7 @@ async def execute_node(request: Request) -> Response:
     """The reference REST call: body `{"folder_id": ..., "input": {...}}`, answer `{"output": {...}}`."""
     svc: Services = request.app.state.services
     request.scope[CALLER] = caller = await svc.auth.authenticate(
-        request.headers.get("authorization"), client_address(request)
+        request.headers.get("authorization"), client_of(request.scope)
     )
     node_id = request.path_params["node_id"]
     data = _parse(await read_body(request))
@@ -82,7 +82,7 @@ async def execute_by_header(request: Request) -> Response:
     """The node-proxy form: headers `x-node-id` and `x-folder-id`, the input object itself as the body."""
     svc: Services = request.app.state.services
     request.scope[CALLER] = caller = await svc.auth.authenticate(
-        request.headers.get("authorization"), client_address(request)
+        request.headers.get("authorization"), client_of(request.scope)
     )
     node_id = request.headers.get("x-node-id")
     if not node_id:
@@ -257,7 +257,7 @@ async def _guard_management(request: Request, app: FastAPI) -> Response | None:
     svc: Services = app.state.services
     try:
         request.state.caller = await svc.auth.authenticate(
-            request.headers.get("authorization"), client_address(request)
+            request.headers.get("authorization"), client_of(request.scope)
         )  # for the audit log
     except APIError as exc:
         return error_response(exc)
@@ -276,7 +276,7 @@ def _audit_denied(request: Request, code: int, request_id: str) -> None:
     """Record a denied execute call in the audit log (only these: a successful call is counted by the metrics)."""
     svc: Services = request.app.state.services
     scope = request.scope
-    node_id = request.headers.get("x-node-id") if scope["path"] == "/" else request.path_params.get("node_id")
+    node_id = _node_id(request)
     folder = scope.get(FOLDER) or request.headers.get("x-folder-id")
     svc.audit.record(
         action="nodes.execute",
@@ -293,11 +293,14 @@ def _audit_denied(request: Request, code: int, request_id: str) -> None:
 def _observe(request: Request, path: str, code: int, started: float) -> None:
     """Count an execute request in the node metrics, if it named a node that exists."""
     svc: Services = request.app.state.services
-    node_id = request.headers.get("x-node-id") if path == "/" else request.path_params.get("node_id")
+    node_id = _node_id(request)
     if node_id and svc.table.find(node_id) is not None:
         svc.metrics.observe(node_id, path, code, (time.perf_counter() - started) * 1000)
 
 
-def client_address(request: Request) -> str:
-    """The peer's address, for counting failed authentications (empty when unknown)."""
-    return request.client.host if request.client is not None else ""
+def _node_id(request: Request) -> str | None:
+    """The node an execute request names: in the path, or in `x-node-id` for `POST /`."""
+    if request.scope["path"] == "/":
+        return request.headers.get("x-node-id")
+    node_id: str | None = request.path_params.get("node_id")
+    return node_id

@@ -49,6 +49,7 @@ class Instance:
         self.killed_by_front = False
         self._is_alive = True
         self._death = ""
+        self._kill_reason = ""  # why the supervisor killed it (a memory cap), for the request it was running
         self._died = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -188,6 +189,11 @@ class Instance:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def kill(self, reason: str) -> None:
+        """End the instance at once for `reason`, which the request it was running is told."""
+        self._kill_reason = reason
+        self.handle.kill()
+
     async def _die(self, reason: str) -> Unavailable:
         """Mark the instance dead, make sure its process ends, and describe it."""
         if self._is_alive:
@@ -198,10 +204,8 @@ class Instance:
                 code: int | None = await asyncio.wait_for(self.handle.wait(), 5.0)
             except TimeoutError:
                 code = self.handle.returncode
-            self._death = (
-                f"Instance {self.instance_id!r} of node {self.node_id!r} is unavailable: {reason}; "
-                f"it exited with code {code}. The node's log has its output."
-            )
+            ended = self._kill_reason or f"it exited with code {code}. The node's log has its output."
+            self._death = f"Instance {self.instance_id!r} of node {self.node_id!r} is unavailable: {reason}; {ended}"
             self._died.set()
         return Unavailable(await self._describe_death())
 

@@ -256,7 +256,10 @@ class Supervisor:
                 "with more RAM, or make the cell use less."
             )
             logger.error("Node %s: %s", node_id, running.over_memory)
-            running.handle.kill()
+            running.instance.kill(
+                f"it was killed for using {used / GIB:.2f} GB of memory, over the {running.spec.ram_gb:g} GB of its "
+                f"spec {running.spec.name}; it is being replaced. The node's owner can give it a larger spec."
+            )
 
     async def _autoscale_node(self, node_id: str, state: _NodeState, now: float) -> None:
         route, scaler = self._table.find(node_id), state.scaler
@@ -424,9 +427,32 @@ class Supervisor:
         with self._db.session() as session:
             session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(last_seen_at=utcnow()))
 
-    def _open_usage(self, node: Node, instance_id: str) -> None:
+    def _create_instance(self, node: Node, instance_id: str, slot: _Slot, zone: str) -> None:
+        """In one transaction: the new instance's row (CREATED; the slot's FAILED row of a last attempt goes), and
+        the start of its uptime. Nothing if the node was deleted meanwhile."""
         spec = self._specs[node.spec]
         with self._db.session() as session:
+            if session.get(Node, node.id) is None:
+                return
+            session.execute(
+                delete(InstanceRow).where(
+                    InstanceRow.node_id == node.id, InstanceRow.slot == slot.index, InstanceRow.status == "FAILED"
+                )
+            )
+            session.add(
+                InstanceRow(
+                    id=instance_id,
+                    node_id=node.id,
+                    slot=slot.index,
+                    host=HOST,
+                    zone=zone,
+                    status="CREATED",
+                    status_since=utcnow(),
+                    restarts=slot.restarts,
+                    last_error=slot.last_error,
+                    generation=node.generation,
+                )
+            )
             session.add(
                 Usage(
                     instance_id=instance_id,
@@ -436,25 +462,7 @@ class Supervisor:
                     units_per_second=spec.units_per_second,
                 )
             )
-
-    def _write_instance(self, node: Node, instance_id: str, slot: _Slot, status: str, zone: str) -> None:
-        node_id = node.id
-        with self._db.session() as session:
-            row = session.get(InstanceRow, instance_id)
-            if row is None:
-                if session.get(Node, node_id) is None:
-                    return
-                # A new instance of the slot: the FAILED row of the last attempt has said what it had to.
-                session.execute(
-                    delete(InstanceRow).where(
-                        InstanceRow.node_id == node_id, InstanceRow.slot == slot.index, InstanceRow.status == "FAILED"
-                    )
-                )
-                row = InstanceRow(id=instance_id, node_id=node_id, slot=slot.index, host=HOST, zone=zone)
-                session.add(row)
-            row.status, row.status_since = status, utcnow()
-            row.restarts, row.last_error, row.generation = slot.restarts, slot.last_error, node.generation
-        self._statuses[instance_id] = (node_id, status)
+        self._statuses[instance_id] = (node.id, "CREATED")
 
     def _write_failed(self, instance_id: str, reason: str) -> None:
         """The instance could not start: keep its row, FAILED with the reason, and end its uptime."""
@@ -579,8 +587,7 @@ class Supervisor:
         zone = node.zones[slot.index % len(node.zones)] if node.zones else {"zone": "local", "subnet": ""}
         try:
             spec = await asyncio.to_thread(self._instance_spec, node, instance_id, zone)
-            await asyncio.to_thread(self._write_instance, node, instance_id, slot, "CREATED", zone["zone"])
-            await asyncio.to_thread(self._open_usage, node, instance_id)
+            await asyncio.to_thread(self._create_instance, node, instance_id, slot, zone["zone"])
             began = time.monotonic()
             handle = await self._backend.start(spec)
             await asyncio.to_thread(self._write_instance_status, instance_id, "STARTED")

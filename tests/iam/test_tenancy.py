@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -218,5 +217,12 @@ def test_the_last_server_admin_stays(teams: Team) -> None:
         alice.list_users()
 
 
-def test_created_nodes_record_who_made_them(teams: Team, tmp_path: Path) -> None:
-    assert teams.node["folder_id"] == teams.folders["team-a"]
+def test_the_audit_log_names_who_did_what_in_each_team(teams: Team) -> None:
+    assert execute(teams, "carol", teams.folders["team-a"]).status_code == 403
+    events = teams.admin.audit(teams.folders["team-a"], limit=10000)
+    created = [e for e in events if e["action"] == "nodes.create" and e["resource"] == f"node/{teams.node['id']}"]
+    assert [(e["subject"], e["result"]) for e in created] == [(teams.people["alice"]["subject"], "ok")]
+    refused = [e for e in events if e["action"] == "nodes.execute" and e["result"] == "denied"]
+    assert teams.people["carol"]["subject"] in {e["subject"] for e in refused}
+    with teams.client("bob") as bob, pytest.raises(PermissionDenied, match="read the audit log"):
+        bob.audit(teams.folders["team-a"])
