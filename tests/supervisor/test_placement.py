@@ -66,9 +66,7 @@ def test_an_instance_past_its_memory_cap_is_replaced(site: ServerProcess, api: C
         "hog-node", checkpoint=hog, inputs={"size": "int", "hold": "float"}, outputs={"used": "int"}, spec="tiny"
     )
     assert api.execute("hog-node", {"size": 1000, "hold": 0}) == {"used": 1000}
-    with pytest.raises(
-        Unavailable, match=r"killed for using 0\.\d\d GB of memory, over the 0\.25 GB of its spec tiny"
-    ):
+    with pytest.raises(Unavailable, match=r"killed for using 0\.\d\d GB of memory, over the 0\.25 GB of its spec tiny"):
         api.execute("hog-node", {"size": 400 * 2**20, "hold": 5})
     found = api.wait_node("hog-node")
     deadline = time.monotonic() + 10
