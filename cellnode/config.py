@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -93,6 +94,28 @@ class Settings(BaseSettings):
         "start. Set it on every server that shares a database.",
     )
 
+    alias_prefixes: str = Field(
+        "datasphere.user",
+        description="Comma-separated prefixes aliases may take; the routing name is PREFIX.NAME. Defaults to "
+        "'datasphere.user', the reference's only user prefix.",
+    )
+
+    @field_validator("alias_prefixes")
+    @classmethod
+    def _prefixes(cls, value: str) -> str:
+        for prefix in value.split(","):
+            if not ALIAS_PREFIX.match(prefix.strip()):
+                raise ValueError(
+                    f"alias prefix {prefix.strip()!r} is not allowed; use dot-separated lowercase words such as "
+                    "'datasphere.user' (letters, digits and hyphens, each word starting with a letter)"
+                )
+        return value
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The alias prefixes in force, the first being the default."""
+        return tuple(prefix.strip() for prefix in self.alias_prefixes.split(","))
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -140,6 +163,7 @@ def is_loopback(host: str) -> bool:
 
 
 # Backends by name, resolved once when the server starts (uvicorn's `loops/auto.py` pattern).
+ALIAS_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,30}(\.[a-z][a-z0-9-]{0,30}){0,3}$")
 BACKENDS = {"local": "cellnode.backends.local:LocalBackend"}
 
 

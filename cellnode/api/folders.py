@@ -18,7 +18,7 @@ from cellnode.api.deps import CallerDep, ServicesDep, resolve_folder
 from cellnode.api.schemas import FolderList, FolderOut, ResourceName
 from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cellnode.iam.access import Role
-from cellnode.store.models import AccessBinding, Checkpoint, Folder, Node, Principal, Secret, utcnow
+from cellnode.store.models import AccessBinding, Alias, Checkpoint, Folder, Node, Principal, Secret, utcnow
 
 router = APIRouter(prefix="/cellnode/v1/folders", tags=["folders"])
 
@@ -210,6 +210,7 @@ def _contents(session: Session, folder_id: str) -> list[str]:
         (Node, Node.name, "node"),
         (Checkpoint, Checkpoint.id, "checkpoint"),
         (Secret, Secret.name, "secret"),
+        (Alias, Alias.name, "alias"),
     ):
         names = list(session.scalars(select(column).where(model.folder_id == folder_id).limit(5)))
         if names:

@@ -28,6 +28,7 @@ from cellnode.exceptions import AlreadyExists, FailedPrecondition, InvalidArgume
 from cellnode.iam.access import Role
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Instance, Node, Usage, utcnow
+from cellnode.supervisor.aliases import aliases_naming, routing_name
 from cellnode.supervisor.specs import check_spec, machine_capacity
 from cellnode.telemetry.logs import MAX_TAIL, read_logs
 
@@ -53,7 +54,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
         zones = check_zones(body.zones, svc.zones)
         check_capacity(session, svc, body.spec, high, None)
         cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
-        acl = _check_acl(session, body.acl, folder)
+        acl = check_acl(session, body.acl, folder)
         secrets = resolve_secrets(session, folder.id, body.secrets or [])
         node = Node(
             folder_id=folder.id,
@@ -105,6 +106,13 @@ def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
     """Delete a node: it turns DELETING at once, and is gone once its instances have stopped."""
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id, "developer", "delete nodes")
+        naming = aliases_naming(session, node.id)
+        if naming:
+            names = ", ".join(f"{routing_name(row)} ({row.id})" for row in naming)
+            raise FailedPrecondition(
+                f"Node {node.id!r} ({node.name}) is named by alias(es) {names}; deleting it would leave them routing "
+                "to nothing. Take it out of them first ('cellnode alias update ALIAS --node ...'), or delete them."
+            )
         node.status, node.status_message = "DELETING", ""
         session.flush()
         out = node_out(session, node)
@@ -171,7 +179,7 @@ def update_node(
         if body.acl is not None:
             folder = session.get(Folder, node.folder_id)
             assert folder is not None
-            node.acl = _check_acl(session, body.acl, folder)
+            node.acl = check_acl(session, body.acl, folder)
         for key in ("description", "timeout", "max_queue", "maintenance_limit"):
             value = getattr(body, key)
             if value is not None:
@@ -388,7 +396,7 @@ def _move(session: Session, svc: Services, caller: Caller, node: Node, folder_re
     node.folder_id = target.id
 
 
-def _check_acl(session: Session, acl: list[str] | None, folder: Folder) -> list[str]:
+def check_acl(session: Session, acl: list[str] | None, folder: Folder) -> list[str]:
     if acl is None:
         return [folder.id]
     for folder_id in acl:

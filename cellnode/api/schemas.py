@@ -303,3 +303,165 @@ class LogLine(BaseModel):
 class LogList(BaseModel):
     node_id: str
     lines: list[LogLine]
+
+
+METADATA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+MAX_ALIAS_NODES = 32
+MAX_METADATA = 32
+
+
+class ShareDecl(BaseModel):
+    """A node and its percentage of the alias's requests (of the requests copied to it, for a mirror)."""
+
+    node: str = Field(min_length=1, max_length=63, description="Node ID, or name in the alias's folder.")
+    percent: int = Field(ge=0, le=100, description="Whole percent, 0 to 100.")
+
+
+def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return value
+    if len(value) > MAX_METADATA:
+        raise ValueError(f"metadata has {len(value)} keys; at most {MAX_METADATA} are allowed")
+    for key, item in value.items():
+        if not METADATA_KEY.match(key):
+            raise ValueError(
+                f"metadata key {key!r} is not allowed; use up to 63 letters, digits, '_', '.' and '-', starting with "
+                "a letter"
+            )
+        if len(item) > 1024:
+            raise ValueError(f"metadata value of {key!r} is {len(item)} characters; at most 1024 are allowed")
+    return value
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
+
+
+def _check_shares(shares: list[ShareDecl] | None, what: str) -> None:
+    if shares is None:
+        return
+    names = [share.node for share in shares]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"node {twice[0]!r} is listed more than once in {what}; list each node once")
+    if what == "nodes":
+        total = sum(share.percent for share in shares)
+        if total != 100:
+            each = ", ".join(f"{share.node}={share.percent}" for share in shares)
+            raise ValueError(f"the node percentages sum to {total}, not 100 ({each}); make them sum to 100")
+    else:
+        for share in shares:
+            if share.percent == 0:
+                raise ValueError(
+                    f"mirror {share.node}=0 copies no request; give a percentage from 1 to 100, or leave it out"
+                )
+
+
+class _AliasFields(BaseModel):
+    nodes: list[ShareDecl] | None = Field(None, min_length=1, max_length=MAX_ALIAS_NODES)
+    mirrors: list[ShareDecl] | None = Field(
+        None,
+        max_length=MAX_ALIAS_NODES,
+        description="Nodes that get a copy of this percentage of the requests; their answers are compared with the "
+        "primary's, never returned.",
+    )
+    description: str | None = Field(None, max_length=1024)
+    metadata: Metadata | None = None
+    public: bool | None = Field(None, description="Any authenticated principal may call a public alias.")
+    acl: list[str] | None = Field(
+        None, description="Folder IDs that may call a private alias; default: its own folder."
+    )
+    rollback_error_rate: float | None = Field(
+        None, ge=0, lt=1, description="Take a node out when its error rate (5xx) over the window passes this."
+    )
+    rollback_window: float | None = Field(None, gt=0, le=86_400, description="Seconds of the error-rate window.")
+    rollback_min_requests: int | None = Field(
+        None, ge=1, le=1_000_000, description="Answers a node must give in the window before it can be taken out (10)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _AliasFields:
+        _check_shares(self.nodes, "nodes")
+        _check_shares(self.mirrors, "mirrors")
+        if self.public and self.acl:
+            raise ValueError(
+                "a public alias may be called by any authenticated principal, so it takes no ACL; give --private "
+                "with --acl, or drop --acl"
+            )
+        if (self.rollback_error_rate is None) != (self.rollback_window is None):
+            given = "rollback_error_rate" if self.rollback_error_rate is not None else "rollback_window"
+            raise ValueError(
+                f"{given} is given alone; automatic rollback needs both rollback_error_rate and rollback_window "
+                "(for example --rollback-on-error-rate 0.05 --rollback-window 60)"
+            )
+        return self
+
+
+class AliasCreate(_AliasFields):
+    name: ResourceName
+    prefix: str | None = Field(None, description="One of the server's alias prefixes; default 'datasphere.user'.")
+    nodes: list[ShareDecl] = Field(min_length=1, max_length=MAX_ALIAS_NODES)
+    folder_id: str | None = None
+
+
+class AliasUpdate(_AliasFields):
+    """Only the fields given change; `nodes` and `mirrors` replace the lists whole. The routing table is swapped in
+    one step: requests under way finish on the node they started on."""
+
+    folder_id: str | None = Field(None, description="Move the alias to this folder.")
+    rollback_off: bool = Field(False, description="Turn automatic rollback off.")
+
+    @model_validator(mode="after")
+    def _off_alone(self) -> AliasUpdate:
+        if self.rollback_off and self.rollback_error_rate is not None:
+            raise ValueError(
+                "rollback_off turns automatic rollback off, and rollback_error_rate sets it; give one or the other"
+            )
+        return self
+
+
+class ShareOut(BaseModel):
+    node_id: str
+    node_name: str
+    percent: int
+    status: str = Field(description="The node's status; 'ABSENT' if it was deleted meanwhile.")
+    serving: bool = Field(description="Whether it has a live instance on this server now.")
+    effective_percent: float = Field(description="Its share of requests now, the shares of nodes not serving spread.")
+
+
+class MirrorStats(BaseModel):
+    node_id: str
+    requests: int
+    agree: int
+    differ: int
+    error: int
+    mean_primary_ms: float
+    mean_shadow_ms: float
+
+
+class AliasOut(_Out):
+    id: str
+    folder_id: str
+    prefix: str
+    name: str
+    routing_name: str = Field(description="What callers name: '<prefix>.<name>', in x-node-alias or the path.")
+    description: str
+    nodes: list[ShareOut]
+    mirrors: list[ShareOut]
+    metadata: dict[str, str]
+    public: bool
+    acl: list[str]
+    rollback_error_rate: float | None
+    rollback_window: float | None
+    rollback_min_requests: int
+    rollbacks: list[dict[str, Any]] = Field(description="Automatic rollbacks, newest last.")
+    mirror_stats: list[MirrorStats] = Field(default_factory=list, description="Per shadow node, on this server.")
+    mirrored: list[dict[str, Any]] = Field(default_factory=list, description="The latest mirrored requests.")
+    warnings: list[str] = Field(default_factory=list)
+    version: int
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class AliasList(BaseModel):
+    aliases: list[AliasOut]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cellnode.exceptions import NotFound, TooManyRequests, Unavailable
+from cellnode.router.alias import DEFAULT_PREFIX, AliasRoute
 
 if TYPE_CHECKING:
     from cellnode.router.instance import Instance
@@ -59,12 +60,19 @@ class NodeRoute:
             )
         return best
 
+    @property
+    def is_serving(self) -> bool:
+        """Whether a request sent now would find a live instance."""
+        return any(instance.is_alive for instance in self.instances)
+
 
 class RoutingTable:
-    """Node routes by ID. Replacing an entry is one dict assignment, atomic for the event loop."""
+    """Node routes by ID and alias routes by routing name. Replacing an entry is one dict assignment, atomic for the
+    event loop: a request holds the route it looked up, so a swap never changes a request under way."""
 
     def __init__(self) -> None:
         self._routes: dict[str, NodeRoute] = {}
+        self._aliases: dict[str, AliasRoute] = {}
 
     def get(self, node_id: str) -> NodeRoute:
         route = self._routes.get(node_id)
@@ -83,3 +91,36 @@ class RoutingTable:
 
     def routes(self) -> list[NodeRoute]:
         return list(self._routes.values())
+
+    def serving(self, node_id: str) -> bool:
+        route = self._routes.get(node_id)
+        return route is not None and route.is_serving
+
+    def get_alias(self, name: str) -> AliasRoute:
+        """An alias by its routing name (`datasphere.user.NAME`), or by NAME alone for the default prefix."""
+        route = self._aliases.get(name) or self._aliases.get(f"{DEFAULT_PREFIX}.{name}")
+        if route is None:
+            raise NotFound(
+                f"Alias {name!r} not found. Name it as '<prefix>.<name>' (for example '{DEFAULT_PREFIX}.my-alias'); "
+                "'cellnode alias list' shows the aliases you can see."
+            )
+        return route
+
+    def find_alias(self, name: str) -> AliasRoute | None:
+        return self._aliases.get(name)
+
+    def put_alias(self, route: AliasRoute) -> None:
+        """Put an alias's route, unless the table already has a newer version of it (a reload that read the store
+        before an update landed must not undo it). The new route keeps the old one's statistics."""
+        current = self._aliases.get(route.name)
+        if current is not None and current.alias_id == route.alias_id:
+            if current.version > route.version:
+                return
+            route.stats = current.stats
+        self._aliases[route.name] = route
+
+    def remove_alias(self, name: str) -> AliasRoute | None:
+        return self._aliases.pop(name, None)
+
+    def aliases(self) -> list[AliasRoute]:
+        return list(self._aliases.values())

@@ -17,7 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cellnode._version import __version__
-from cellnode.api import audit, checkpoints, errors, execute, folders, iam, nodes, principals, secrets, telemetry, usage
+from cellnode.api import (
+    aliases,
+    audit,
+    checkpoints,
+    errors,
+    execute,
+    folders,
+    iam,
+    nodes,
+    principals,
+    secrets,
+    telemetry,
+    usage,
+)
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.checkpoint.blobs import BlobStore
@@ -114,8 +127,9 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
     app.add_middleware(audit.AuditMiddleware)
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/datasphere/v1/nodes/{node_id}:execute", execute.execute_node, methods=["POST"])
+    app.add_route("/datasphere/v1/aliases/{alias_name}:execute", execute.execute_alias, methods=["POST"])
     app.add_route("/", execute.execute_by_header, methods=["POST"])
-    for module in (folders, iam, principals, checkpoints, nodes, secrets, telemetry, usage):
+    for module in (folders, iam, principals, checkpoints, nodes, aliases, secrets, telemetry, usage):
         app.include_router(module.router)
     app.include_router(audit.router)
     return execute.ExecuteFront(app)

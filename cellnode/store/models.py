@@ -253,3 +253,37 @@ class AuditEvent(Base):
     code: Mapped[int] = mapped_column(Integer)  # the HTTP status answered
     client: Mapped[str] = mapped_column(String(64), default="")
     request_id: Mapped[str] = mapped_column(String(32), default="")
+
+
+class Alias(Base):
+    """A stable routing name, `<prefix>.<name>`, that spreads requests over nodes by percentage.
+
+    `version` grows with every change, so that a server holding an older routing table knows to replace it, and a
+    rollback written by one server never overwrites an update made meanwhile.
+    """
+
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("prefix", "name"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True, default=new_id)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="")
+    nodes: Mapped[list[Any]]  # [{"node_id", "percent"}], percentages summing to 100
+    mirrors: Mapped[list[Any]] = mapped_column(default=list)  # [{"node_id", "percent"}]: shadow copies
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    public: Mapped[bool] = mapped_column(default=False)
+    acl: Mapped[list[Any]] = mapped_column(default=list)  # folder IDs that may call a private alias
+    rollback_error_rate: Mapped[float | None] = mapped_column(Float)
+    rollback_window: Mapped[float | None] = mapped_column(Float)
+    rollback_min_requests: Mapped[int] = mapped_column(Integer, default=10)
+    # Observed: the automatic rollbacks, newest last: [{"at", "node_id", "error_rate", "requests", "shares"}].
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_by: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    # Every UPDATE checks and bumps `version`: a change made meanwhile raises StaleDataError instead of being lost.
+    __mapper_args__ = {"version_id_col": version}

@@ -11,12 +11,16 @@ process is confirmed gone). Each node's status follows from how many of its inst
 
 Every second the supervisor also reads each instance's resident memory (with its children's): one past its spec's
 RAM is killed and replaced, with the reason kept.
+
+It also keeps the aliases of the routing table in line with the store (changes made through another server that
+shares the database arrive within a reconcile interval), and writes the automatic rollbacks the front asks for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -33,10 +37,12 @@ from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, Inst
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.exceptions import ConfigError, Unavailable
 from cellnode.iam.secrets import SecretBox
+from cellnode.router.alias import AliasRoute, shift_away
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
+from cellnode.supervisor.aliases import load_alias_routes, write_rollback
 from cellnode.supervisor.autoscale import SAMPLE_INTERVAL, AutoscalePolicy, Scaler
 from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
 from cellnode.telemetry.logs import prune_logs
@@ -317,6 +323,59 @@ class Supervisor:
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
             await self._stop_node(node_id)
             self._table.remove(node_id)
+        await self._sync_aliases()
+
+    async def _sync_aliases(self) -> None:
+        routes = await asyncio.to_thread(load_alias_routes, self._db)
+        for route in routes:
+            self._table.put_alias(route)
+        names = {route.name for route in routes}
+        for gone in [alias.name for alias in self._table.aliases() if alias.name not in names]:
+            self._table.remove_alias(gone)
+
+    def roll_back(self, alias: AliasRoute, node_id: str, error_rate: float) -> None:
+        """Take `node_id` out of the alias at once, for an error rate past the alias's limit, and write it to the
+        store in the background. Called from the execute path, on the event loop."""
+        window = alias.stats.windows.get(node_id)
+        requests = window.requests if window is not None else 0
+        moved = shift_away(alias.shares, node_id)
+        if moved is None:
+            logger.warning(
+                "Alias %s: node %s has an error rate of %.1f%% over %g s, but it is the alias's only node; it stays.",
+                alias.name,
+                node_id,
+                error_rate * 100,
+                alias.rollback.window if alias.rollback else 0,
+            )
+            alias.stats.forget(node_id)  # a fresh window: warned again only after as many requests
+            return
+        # In force now; the row follows (a reload in between may briefly bring the old shares back).
+        self._table.put_alias(dataclasses.replace(alias, shares=tuple(moved)))  # same version, same stats
+        self._spawn(self._write_rollback(alias, node_id, error_rate, requests), f"rollback-{alias.alias_id}")
+
+    async def _write_rollback(self, alias: AliasRoute, node_id: str, error_rate: float, requests: int) -> None:
+        try:
+            route = await asyncio.to_thread(
+                write_rollback, self._db, alias.alias_id, node_id, error_rate=error_rate, requests=requests
+            )
+        finally:
+            alias.stats.forget(node_id)
+        if route is None:
+            return
+        self._table.put_alias(route)
+        if self._metrics is not None:
+            self._metrics.rollbacks.labels(alias.name, node_id).inc()
+        shares = ", ".join(f"{share.node_id}={share.percent}" for share in route.shares)
+        logger.warning(
+            "Alias %s: rolled back node %s, whose error rate was %.1f%% over the last %g s (%d requests); "
+            "the alias now sends %s.",
+            alias.name,
+            node_id,
+            error_rate * 100,
+            alias.rollback.window if alias.rollback else 0,
+            requests,
+            shares,
+        )
 
     def _roll(self, node: Node, state: _NodeState) -> None:
         """Replace instances of an older generation, at most `maintenance_limit` at once, each beside its old one."""

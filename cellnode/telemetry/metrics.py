@@ -77,6 +77,42 @@ class Metrics:
             ["node_id", "direction"],
             registry=self.registry,
         )
+        alias_labels = ["alias_name", "node_id"]
+        self.alias_requests = Counter(
+            "alias_requests", "Requests to an alias, per node that took them.", alias_labels, registry=self.registry
+        )
+        self.alias_http_codes = Counter(
+            "alias_http_codes",
+            "Responses of an alias per node that answered and HTTP status code (node_id is empty when none did).",
+            [*alias_labels, "code"],
+            registry=self.registry,
+        )
+        self.alias_durations = Histogram(
+            "alias_request_durations",
+            "Request durations of an alias per node that answered, in milliseconds.",
+            alias_labels,
+            buckets=DURATION_BUCKETS_MS,
+            registry=self.registry,
+        )
+        self.mirror_results = Counter(
+            "alias_mirror_requests",
+            "Requests copied to an alias's shadow node, by result: agree, differ, or error (no answer from the cell).",
+            [*alias_labels, "result"],
+            registry=self.registry,
+        )
+        self.mirror_durations = Histogram(
+            "alias_mirror_durations",
+            "Durations of mirrored requests in milliseconds, on the primary and on the shadow node (role).",
+            [*alias_labels, "role"],
+            buckets=DURATION_BUCKETS_MS,
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            "alias_rollbacks",
+            "Nodes taken out of an alias because their error rate passed the alias's limit.",
+            alias_labels,
+            registry=self.registry,
+        )
         self.registry.register(_InstanceCollector(table, lambda: self.view()))
 
     def observe(self, node_id: str, node_path: str, code: int, milliseconds: float) -> None:
@@ -84,6 +120,12 @@ class Metrics:
         self.requests.labels(node_id, node_path).inc()
         self.http_codes.labels(node_id, node_path, str(code)).inc()
         self.durations.labels(node_id, node_path).observe(milliseconds)
+
+    def observe_alias(self, alias_name: str, node_id: str, code: int, milliseconds: float) -> None:
+        """Count one request to an alias; `node_id` is the node that answered, or empty."""
+        self.alias_requests.labels(alias_name, node_id).inc()
+        self.alias_http_codes.labels(alias_name, node_id, str(code)).inc()
+        self.alias_durations.labels(alias_name, node_id).observe(milliseconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -141,7 +183,16 @@ class _InstanceCollector(Collector):
             wanted.add_metric([node_id, "current"], count)
             wanted.add_metric([node_id, "min"], low)
             wanted.add_metric([node_id, "max"], high)
-        yield from (alive, in_flight, queued, healthy, memory, by_status, wanted)
+        weights = GaugeMetricFamily(
+            "alias_node_percent",
+            "Each node's configured percentage of an alias's requests (role primary), or of copies (role mirror).",
+            labels=["alias_name", "node_id", "role"],
+        )
+        for alias in self._table.aliases():
+            for role, shares in (("primary", alias.shares), ("mirror", alias.mirrors)):
+                for share in shares:
+                    weights.add_metric([alias.name, share.node_id, role], share.percent)
+        yield from (alive, in_flight, queued, healthy, memory, by_status, wanted, weights)
 
 
 def _pss_bytes(pid: int | None) -> int | None:
