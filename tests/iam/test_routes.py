@@ -95,8 +95,16 @@ def rules(ids: dict[str, str]) -> dict[tuple[str, str], Rule]:
         ("GET", "/cellnode/v1/secrets/{ref}"): Rule("developer"),
         ("PATCH", "/cellnode/v1/secrets/{ref}"): Rule("admin", {"description": "walked"}),
         ("DELETE", "/cellnode/v1/secrets/{ref}"): Rule("admin"),
+        ("POST", "/cellnode/v1/aliases"): Rule(
+            "developer", {"name": "walker", "nodes": [{"node": ids["node"], "percent": 100}], **folder}
+        ),
+        ("GET", "/cellnode/v1/aliases"): Rule("viewer", params=folder),
+        ("GET", "/cellnode/v1/aliases/{ref}"): Rule("viewer"),
+        ("PATCH", "/cellnode/v1/aliases/{ref}"): Rule("developer", {"description": "walked"}),
+        ("DELETE", "/cellnode/v1/aliases/{ref}"): Rule("developer"),
         # The execute API is served outside FastAPI's routing, so the OpenAPI document does not list it.
         ("POST", "/datasphere/v1/nodes/{node_id}:execute"): Rule("developer", {"input": {}, **folder}),
+        ("POST", "/datasphere/v1/aliases/{alias_name}:execute"): Rule("developer", {"input": {}, **folder}),
     }
 
 
@@ -118,6 +126,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         checkpoint = admin.create_checkpoint(path, name="walked", folder_id=folder)
         node = admin.create_node("walked", checkpoint="walked", inputs={}, outputs={"y": "int"}, folder_id=folder)
         secret = admin.create_secret("WALKED", "walked", folder_id=folder)
+        body = {"name": "walked", "nodes": [{"node": node["id"], "percent": 100}], "folder_id": folder}
+        alias = admin._request("POST", "/cellnode/v1/aliases", json=body)
         victim_user = admin.create_user("victim")
         victim_account = admin.create_service_account("victim", folder_id=folder)
         victim_key = admin.create_api_key(principal_id=victim_account["id"])
@@ -136,6 +146,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "checkpoint": checkpoint["id"],
         "node": node["id"],
         "secret": secret["id"],
+        "alias": alias["id"],
         "victim_user": victim_user["id"],
         "victim_account": victim_account["id"],
         "victim_key": victim_key["id"],
@@ -157,9 +168,12 @@ def fill(path: str, ids: dict[str, str]) -> str:
         ref = ids["checkpoint"]
     if path.startswith("/cellnode/v1/secrets"):
         ref = ids["secret"]
+    if path.startswith("/cellnode/v1/aliases"):
+        ref = ids["alias"]
     return (
         path.replace("{ref}", ref)
         .replace("{node_id}", ids["node"])
+        .replace("{alias_name}", "datasphere.user.walked")
         .replace("{user_id}", ids["victim_user"])
         .replace("{account_id}", ids["victim_account"])
         .replace("{key_id}", ids["victim_key"])
