@@ -54,9 +54,10 @@ def pick_sticky(shares: Sequence[Share], serving: Callable[[str], bool], key: by
     """The node for a route key: weighted rendezvous hashing over the nodes that serve; None when none does.
 
     Each node scores `weight / -ln(u)`, with `u` in (0, 1) from a hash of the key and the node; the highest wins.
-    A node wins a key with probability proportional to its weight, the same key always wins on the same node while
-    the weights stay, and a change moves only the keys that must move: when a node stops serving, only its keys go
-    elsewhere; when a share grows, keys come to it from the others and none move between the others.
+    A node wins a key with probability proportional to its weight, and the same key always wins on the same node
+    while the weights stay. A change moves few keys: when a node stops serving, only its keys go elsewhere; when
+    shares change, a key only leaves a node whose share shrank or goes to a node whose share grew (with two nodes, a
+    canary's keys only move onto the node that grew).
     """
     best, best_score = None, -1.0
     for share in serving_shares(shares, serving):
