@@ -279,7 +279,8 @@ def _none_serving(table: RoutingTable, alias: AliasRoute, tried: set[str]) -> st
             status += ", its instances went away during this request"
         elif route is not None and status == "HEALTHY" and not route.is_serving:
             status += ", no live instance"
-        states.append(f"{share.node_id} ({share.percent}%: {status})")
+        named = f"{route.name} ({share.node_id}" if route is not None else f"{share.node_id} ("
+        states.append(f"{named}, {share.percent}%: {status})")
     return (
         f"Alias {alias.name!r} has no node that can take the request: {'; '.join(states)}. A node with 0% takes no "
         "requests. Retry shortly; the alias's owner can see more with 'cellnode alias get'."

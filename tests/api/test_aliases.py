@@ -169,8 +169,8 @@ def test_suspended_nodes_share_is_spread_and_503_names_the_nodes(setup: Setup) -
         refused = setup.call("spread", 1)
         assert refused.status_code == 503
         message = refused.json()["message"]
-        assert f"{setup.nodes['blue']} (50%: SUSPENDED)" in message
-        assert f"{setup.nodes['green']} (50%: SUSPENDED)" in message
+        assert f"blue ({setup.nodes['blue']}, 50%: SUSPENDED)" in message
+        assert f"green ({setup.nodes['green']}, 50%: SUSPENDED)" in message
     finally:
         setup.admin.resume_node("blue")
         setup.admin.resume_node("green")
