@@ -87,7 +87,7 @@ def update_alias(
     """Change an alias; `nodes` and `mirrors` replace the lists whole. The new routing table replaces the old in one
     step: requests under way finish on the node they started on, and the next request routes by the new one."""
     try:
-        with svc.db.session() as session:
+        with svc.db.session() as session, session.no_autoflush:  # one UPDATE, so one version step
             row = find_alias(session, svc, caller, ref, folder_id, "developer", "change aliases")
             if body.folder_id is not None:
                 target = resolve_folder(session, svc, caller, body.folder_id, "developer", "move aliases into")

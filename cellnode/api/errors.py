@@ -47,8 +47,14 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
                 InvalidArgument(f"The request body is not valid JSON ({position or 'malformed'}); send a JSON object.")
             )
         location = ".".join(str(part) for part in error["loc"] if part != "body")
-        value = f" (got {error['input']!r})" if "input" in error and error["type"] != "missing" else ""
-        problems.append(f"{location or 'body'}: {error['msg']}{value}")
+        message = error["msg"]
+        if error["type"] == "value_error":
+            # Our own validators' messages name the values they refuse; pydantic's prefix adds nothing.
+            message = message.removeprefix("Value error, ")
+        # A check of the whole body (fields that must agree) would echo all of it, secret values included.
+        echo = "input" in error and error["type"] != "missing" and location
+        value = f" (got {error['input']!r})" if echo else ""
+        problems.append(f"{location or 'body'}: {message}{value}")
     return error_response(InvalidArgument("Invalid request: " + "; ".join(problems) + "."))
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cellnode._version import __version__
-from cellnode.cli import audit, checkpoint, folder, iam, node, secret, usage
+from cellnode.cli import alias, audit, checkpoint, folder, iam, node, secret, usage
 from cellnode.cli._common import Connection
 from cellnode.exceptions import CellnodeError
 
@@ -22,6 +22,7 @@ app.add_typer(folder.app, name="folder")
 app.add_typer(iam.app, name="iam")
 app.add_typer(checkpoint.app, name="checkpoint")
 app.add_typer(node.app, name="node")
+app.add_typer(alias.app, name="alias")
 app.add_typer(secret.app, name="secret")
 app.add_typer(usage.app, name="spec")
 app.command("usage")(usage.usage)
