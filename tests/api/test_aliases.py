@@ -3,6 +3,8 @@ automatic rollback, access, metrics and integrity."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -387,3 +389,22 @@ def test_private_and_public_access(setup: Setup, tmp_path: Path) -> None:
         setup.delete("public")
     denied = [e for e in admin.audit(folder_id=setup.folder) if e["action"] == "aliases.execute"]
     assert denied and all(e["result"] == "denied" for e in denied)
+
+
+def test_a_change_made_through_another_server_arrives(setup: Setup) -> None:
+    """Servers sharing a database: a change written by another one (here, straight into the store) reaches this
+    server's routing table within a reconcile interval, and an older version never replaces a newer one."""
+    alias = setup.create("shared", {"blue": 100, "green": 0})
+    try:
+        moved = json.dumps(
+            [{"node_id": setup.nodes["blue"], "percent": 0}, {"node_id": setup.nodes["green"], "percent": 100}]
+        )
+        with sqlite3.connect(setup.server.data_dir / "cellnode.db") as db:
+            db.execute("UPDATE aliases SET nodes = ?, version = version + 1 WHERE id = ?", (moved, alias["id"]))
+        deadline = time.monotonic() + 10
+        while setup.call("shared", 1).headers["x-node-id"] != setup.nodes["green"]:
+            assert time.monotonic() < deadline, "the change never reached the routing table"
+            time.sleep(0.2)
+        assert {setup.call("shared", 1).headers["x-node-id"] for _ in range(20)} == {setup.nodes["green"]}
+    finally:
+        setup.delete("shared")
