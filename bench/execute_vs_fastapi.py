@@ -64,6 +64,8 @@ class Target:
     body: str
     token: str
     pid: int
+    script: Path = LUA_SCRIPT  # the wrk script; it reads BENCH_BODY, BENCH_TOKEN and `env` from the environment
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,7 +194,8 @@ def ensure_wrk() -> str:
     return found
 
 
-def start_cellnode(tmp: Path, servers: list[Server]) -> Target:
+def launch_cellnode(tmp: Path, servers: list[Server]) -> tuple[Server, str, str]:
+    """A `cellnode serve --port 0` on a temp data dir, answering /health: the server, its URL and the admin key."""
     data_dir = tmp / "data"
     # TMPDIR: the local backend's runtime directory (sockets, launch specs) goes under ours, removed at the end.
     env = clean_env(CELLNODE_PROFILE=str(tmp / "profile.json"), CELLNODE_LOG_LEVEL="warning", TMPDIR=str(tmp))
@@ -209,7 +212,11 @@ def start_cellnode(tmp: Path, servers: list[Server]) -> Target:
         url = match.group(1) if match else ""
         time.sleep(0.05)
     server.wait_healthy(url, "/health")
-    key = (data_dir / "admin.key").read_text().strip()
+    return server, url, (data_dir / "admin.key").read_text().strip()
+
+
+def start_cellnode(tmp: Path, servers: list[Server]) -> Target:
+    server, url, key = launch_cellnode(tmp, servers)
     with Client(url, key) as client:
         client.create_checkpoint(NOTEBOOK, name="randomizer-checkpoint")
         node = client.create_node(
@@ -311,7 +318,7 @@ def tree_cpu_seconds(pid: int) -> tuple[float, float]:
 
 def run_wrk(wrk: str, target: Target, *, duration: int, connections: int, threads: int) -> tuple[str, float, float]:
     """wrk's output, and the CPU seconds the server and its children used meanwhile."""
-    env = {**os.environ, "BENCH_BODY": target.body, "BENCH_TOKEN": target.token}
+    env = {**os.environ, "BENCH_BODY": target.body, "BENCH_TOKEN": target.token, **target.env}
     argv = [
         wrk,
         f"--threads={min(threads, connections)}",
@@ -319,7 +326,7 @@ def run_wrk(wrk: str, target: Target, *, duration: int, connections: int, thread
         f"--duration={duration}s",
         "--timeout=5s",
         "--latency",
-        f"--script={LUA_SCRIPT}",
+        f"--script={target.script}",
         target.url,
     ]
     server_before, children_before = tree_cpu_seconds(target.pid)
