@@ -21,7 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from cellnode.config import DEFAULT_PORT, default_profile_path
-from cellnode.exceptions import APIError, ConfigError, InternalError, TransportError
+from cellnode.exceptions import APIError, ConfigError, InternalError, NotFound, TransportError
 from cellnode.iam.formats import authorization
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -562,19 +562,25 @@ class Client:
     ) -> dict[str, Any]:
         """Run an alias with these input variables; the output variables of the node it picked.
 
-        `name` is a routing name (`datasphere.user.NAME`), a name or an ID. Given a routing name and `folder_id` (a
-        folder in the alias's ACL), the call goes out as it is; otherwise the alias is looked up first, for its
-        routing name and folder. Calls with the same `route_key` go to the same node while the shares stay.
-        `timeout` defaults to the client's.
+        `name` is a routing name (`datasphere.user.NAME`), a name or an ID; `folder_id`, a folder in the alias's ACL.
+        Without `folder_id` the alias is looked up for its folder; a routing name of an alias you may not read goes
+        out without one, as a public alias needs none. Calls with the same `route_key` go to the same node while
+        the shares stay. `timeout` defaults to the client's.
         """
         routing_name, folder = name, folder_id
         if "." not in name or folder_id is None:
-            found = self.get_alias(name, folder_id=folder_id)
-            routing_name, folder = found["routing_name"], folder_id or found["folder_id"]
+            try:
+                found = self.get_alias(name, folder_id=folder_id)
+            except NotFound:
+                if "." not in name:
+                    raise
+            else:
+                routing_name, folder = found["routing_name"], folder_id or found["folder_id"]
+        body: dict[str, Any] = {"input": input} | ({"folder_id": folder} if folder else {})
         response = self._request(
             "POST",
             f"/datasphere/v1/aliases/{quote(routing_name, safe='')}:execute",
-            json={"folder_id": folder, "input": input},
+            json=body,
             headers={ROUTE_KEY_HEADER: route_key} if route_key is not None else None,
             timeout=timeout,
         )

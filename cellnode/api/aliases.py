@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from anyio import from_thread
 from fastapi import APIRouter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -59,7 +60,7 @@ def create_alias(body: AliasCreate, svc: ServicesDep, caller: CallerDep) -> Alia
         session.flush()
         route = alias_route(row)
         out = alias_out(session, svc, row)
-    svc.table.put_alias(route)  # committed: in force from now on
+    from_thread.run_sync(svc.table.put_alias, route)  # committed: in force from now on, written on the loop
     return out
 
 
@@ -112,6 +113,12 @@ def update_alias(
                 folder = session.get(Folder, row.folder_id)
                 assert folder is not None
                 row.acl = check_acl(session, body.acl, folder)
+            widens = body.public is not None or body.acl is not None or body.folder_id is not None
+            if widens and body.nodes is None:
+                # Who may call the alias changes: only someone who may change all its nodes may expose them anew.
+                _resolve(session, svc, caller, [_decl(share) for share in row.nodes], row.folder_id)
+            if widens and body.mirrors is None:
+                _resolve(session, svc, caller, [_decl(share) for share in row.mirrors], row.folder_id)
             if body.description is not None:
                 row.description = body.description
             if body.metadata is not None:
@@ -130,19 +137,30 @@ def update_alias(
             f"Alias {ref!r} was changed by someone else (or rolled back automatically) while this update ran; "
             "'cellnode alias get' shows it now. Repeat the update."
         ) from None
-    svc.table.put_alias(route)
+    from_thread.run_sync(svc.table.put_alias, route)
     return out
 
 
 @router.delete("/{ref}", response_model=AliasOut)
 def delete_alias(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> AliasOut:
     """Delete an alias; its nodes stay as they are. Callers of its name get 404 from now on."""
-    with svc.db.session() as session:
-        row = find_alias(session, svc, caller, ref, folder_id, "developer", "delete aliases")
-        out = alias_out(session, svc, row)
-        name = routing_name(row)
-        session.delete(row)
-    svc.table.remove_alias(name)
+    try:
+        with svc.db.session() as session:
+            row = find_alias(session, svc, caller, ref, folder_id, "developer", "delete aliases")
+            out = alias_out(session, svc, row)
+            name = routing_name(row)
+            session.delete(row)
+    except StaleDataError:
+        raise FailedPrecondition(
+            f"Alias {ref!r} was changed by someone else (or rolled back automatically) while it was being deleted; "
+            "'cellnode alias get' shows it now. Repeat the delete."
+        ) from None
+
+    def forget() -> None:
+        svc.table.remove_alias(name)
+        svc.metrics.forget_alias(name)
+
+    from_thread.run_sync(forget)
     return out
 
 
@@ -212,9 +230,9 @@ def alias_out(session: Session, svc: Services, row: Alias) -> AliasOut:
                 mean_primary_ms=round(totals.primary_ms / totals.requests, 3) if totals.requests else 0.0,
                 mean_shadow_ms=round(totals.shadow_ms / totals.requests, 3) if totals.requests else 0.0,
             )
-            for node_id, totals in route.stats.mirrors.items()
+            for node_id, totals in list(route.stats.mirrors.items())  # one C call: the loop may be adding to it
         ]
-        out.mirrored = [record.as_dict() for record in route.stats.records]
+        out.mirrored = [record.as_dict() for record in list(route.stats.records)]
     return out
 
 
@@ -294,6 +312,10 @@ def _resolve(
     if twice:
         raise InvalidArgument(f"Node {twice[0]!r} is listed twice (once by ID, once by name); list each node once.")
     return resolved
+
+
+def _decl(share: dict[str, Any]) -> ShareDecl:
+    return ShareDecl(node=share["node_id"], percent=share["percent"])
 
 
 def _check_mirrors(nodes: list[dict[str, Any]], mirrors: list[dict[str, Any]]) -> None:

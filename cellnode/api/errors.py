@@ -37,6 +37,14 @@ async def _api_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+SENSITIVE_FIELDS = frozenset({"value", "password", "secret", "token", "master_key"})
+ECHO_LIMIT = 200
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
+
+
 async def _validation_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = []
@@ -53,7 +61,9 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
             message = message.removeprefix("Value error, ")
         # A check of the whole body (fields that must agree) would echo all of it, secret values included.
         echo = "input" in error and error["type"] != "missing" and location
-        value = f" (got {error['input']!r})" if echo else ""
+        if echo and str(error["loc"][-1]) in SENSITIVE_FIELDS:
+            echo = False  # a secret's value, say: never repeated back, not even in an error
+        value = f" (got {_shorten(repr(error['input']))})" if echo else ""
         problems.append(f"{location or 'body'}: {message}{value}")
     return error_response(InvalidArgument("Invalid request: " + "; ".join(problems) + "."))
 

@@ -227,32 +227,40 @@ async def _run_alias(
         await _check_caller(svc, caller, folder_id, f"alias {alias.name!r}")
     key = request.headers.get(ROUTE_KEY)
     payload = raw if raw is not None else orjson.dumps(inputs)
+    request_id: str = scope[REQUEST_ID]
     tried: set[str] = set()
+    shadows: list[ShadowTask] | None = None
+    started = time.perf_counter()
     while True:
         node_id = _choose(svc.table, alias, key, tried)
-        scope[ANSWERED_BY] = node_id
         route = svc.table.get(node_id)
         _check_inputs(route, inputs)
-        shadows = _mirror(svc, alias, node_id, inputs, payload, scope[REQUEST_ID]) if alias.mirrors else []
-        started = time.perf_counter()
+        if shadows is None:  # once per request, beside the first node it tries
+            shadows = _mirror(svc, alias, node_id, inputs, payload, request_id) if alias.mirrors else []
+        scope[ANSWERED_BY] = node_id
         try:
-            output = await _dispatch(route, payload, scope[REQUEST_ID])
-        except NotStarted:
+            output = await _dispatch(route, payload, request_id)
+        except NotStarted as exc:
             # No instance of the node could take it, and nothing ran: another node may, while there is one.
+            del scope[ANSWERED_BY]
             tried.add(node_id)
-            _settle_shadows(svc, alias, node_id, shadows, started, None, 503, scope[REQUEST_ID])
-            if len(tried) >= MAX_ALIAS_NODES_TRIED:
+            if len(tried) >= MAX_ALIAS_NODES_TRIED or not _any_left(svc.table, alias, tried):
+                _settle_shadows(svc, alias, node_id, shadows, started, exc, exc.status_code, request_id)
                 raise
             continue
         except APIError as exc:
             _count_outcome(svc, alias, node_id, exc.status_code)
-            _settle_shadows(svc, alias, node_id, shadows, started, exc, exc.status_code, scope[REQUEST_ID])
+            _settle_shadows(svc, alias, node_id, shadows, started, exc, exc.status_code, request_id)
             raise
         _count_outcome(svc, alias, node_id, 200)
-        _settle_shadows(svc, alias, node_id, shadows, started, output, 200, scope[REQUEST_ID])
+        _settle_shadows(svc, alias, node_id, shadows, started, output, 200, request_id)
         response = Response(b'{"output":' + output + b"}", media_type="application/json")
         response.headers["x-node-id"] = node_id
         return response
+
+
+def _any_left(table: RoutingTable, alias: AliasRoute, tried: set[str]) -> bool:
+    return any(s.percent > 0 and s.node_id not in tried and table.serving(s.node_id) for s in alias.shares)
 
 
 def _choose(table: RoutingTable, alias: AliasRoute, key: str | None, tried: set[str]) -> str:
@@ -346,6 +354,8 @@ def _settle_shadows(
     for share, task in shadows:
 
         def done(task: asyncio.Task[tuple[int, bytes | APIError, float]], share: Share = share) -> None:
+            if task.cancelled():
+                return  # the server is stopping
             shadow_code, shadow_answer, shadow_ms = task.result()
             result, detail = _compare(answer, code, shadow_answer, shadow_code)
             record = MirrorRecord(
@@ -384,10 +394,10 @@ def _settle_shadows(
 def _compare(
     primary: bytes | APIError | None, primary_code: int, shadow: bytes | APIError, shadow_code: int
 ) -> tuple[str, str]:
-    """`agree`, `differ` or `error`, and why: the outputs are compared as JSON values; two failures of the cell
-    agree when they raised the same exception class."""
+    """`agree`, `differ` or `error`, and why: equal bytes agree at once, else the outputs are compared as JSON
+    values; two failures agree when they are the same error (for a cell, the same exception class)."""
     if isinstance(primary, bytes) and isinstance(shadow, bytes):
-        if orjson.loads(primary) == orjson.loads(shadow):
+        if primary == shadow or orjson.loads(primary) == orjson.loads(shadow):
             return "agree", ""
         return "differ", "the outputs differ"
     if isinstance(shadow, CellExecutionError) and isinstance(primary, CellExecutionError):
@@ -402,9 +412,9 @@ def _compare(
         return "error", f"the shadow did not answer: {shadow.message}"
     if primary is None or (isinstance(primary, APIError) and primary_code != 500):
         return "error", "the primary did not answer"
-    if shadow_code == primary_code:
-        return "agree", f"both failed with {shadow_code}"
-    return "differ", f"the primary answered {primary_code}, the shadow {shadow_code}"
+    if type(primary) is type(shadow):
+        return "agree", f"both failed with {type(shadow).__name__}"
+    return "differ", f"the primary failed with {type(primary).__name__}, the shadow with {type(shadow).__name__}"
 
 
 async def _check_caller(svc: Services, caller: Caller, folder_id: str, what: str) -> None:

@@ -108,10 +108,14 @@ def delete_node(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | 
         node = find_node(session, svc, caller, ref, folder_id, "developer", "delete nodes")
         naming = aliases_naming(session, node.id)
         if naming:
-            names = ", ".join(f"{routing_name(row)} ({row.id})" for row in naming)
+            visible = [row for row in naming if svc.access.role(caller, row.folder_id) is not None]
+            names = ", ".join(f"{routing_name(row)} ({row.id})" for row in visible)
+            hidden = len(naming) - len(visible)
+            if hidden:  # their names and folders are not the caller's to learn
+                names += f"{' and ' if names else ''}{hidden} alias(es) in folders you have no role on"
             raise FailedPrecondition(
-                f"Node {node.id!r} ({node.name}) is named by alias(es) {names}; deleting it would leave them routing "
-                "to nothing. Take it out of them first ('cellnode alias update ALIAS --node ...'), or delete them."
+                f"Node {node.id!r} ({node.name}) is named by {names}; deleting it would leave them routing to "
+                "nothing. Take it out of them first ('cellnode alias update ALIAS --node ...'), or delete them."
             )
         node.status, node.status_message = "DELETING", ""
         session.flush()

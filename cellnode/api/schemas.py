@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from cellnode.runtime.variables import TYPES
 
@@ -314,7 +314,7 @@ class ShareDecl(BaseModel):
     """A node and its percentage of the alias's requests (of the requests copied to it, for a mirror)."""
 
     node: str = Field(min_length=1, max_length=63, description="Node ID, or name in the alias's folder.")
-    percent: int = Field(ge=0, le=100, description="Whole percent, 0 to 100.")
+    percent: StrictInt = Field(ge=0, le=100, description="Whole percent, 0 to 100 (a JSON integer).")
 
 
 def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:

@@ -80,17 +80,24 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     return result
 
 
-def shift_away(shares: Sequence[Share], node_id: str) -> list[Share] | None:
-    """The shares with `node_id`'s share moved to the other nodes: in proportion to their shares, or evenly when
-    none has one (so that a canary at 100 % rolls back to the versions kept at 0 %). None when no node is left."""
-    others = [share for share in shares if share.node_id != node_id]
+def shift_away(
+    shares: Sequence[Share], node_id: str, eligible: Callable[[str], bool] = lambda _node_id: True
+) -> list[Share] | None:
+    """The shares with `node_id`'s share moved to the other nodes that are `eligible`: in proportion to their
+    shares, or evenly when none of them has one (so that a canary at 100 % rolls back to the version kept at 0 %).
+    Nodes not eligible keep their shares. None when no other node is eligible."""
+    others = [share for share in shares if share.node_id != node_id and eligible(share.node_id)]
     if not others:
         return None
+    moved = sum(share.percent for share in shares if share.node_id == node_id)
     weights = [float(share.percent) for share in others]
     if not any(weights):
         weights = [1.0] * len(others)
-    new = dict(zip((share.node_id for share in others), apportion(100, weights), strict=True))
-    return [Share(share.node_id, new.get(share.node_id, 0)) for share in shares]
+    gains = dict(zip((share.node_id for share in others), apportion(moved, weights), strict=True))
+    return [
+        Share(share.node_id, 0 if share.node_id == node_id else share.percent + gains.get(share.node_id, 0))
+        for share in shares
+    ]
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,8 @@ class AliasStats:
         self.mirrors: dict[str, MirrorTotals] = {}  # shadow node ID -> totals
         self.records: deque[MirrorRecord] = deque(maxlen=MIRROR_RECORDS)
         self.windows: dict[str, ErrorWindow] = {}
-        self.rolling_back: set[str] = set()  # node IDs whose rollback is being written
+        self.rolling_back: set[str] = set()  # node IDs whose rollback is being decided or written
+        self.rolled_back_at: dict[str, float] = {}  # node ID -> monotonic time of its last rollback
 
     def add_mirror(self, record: MirrorRecord) -> None:
         totals = self.mirrors.setdefault(record.shadow_node_id, MirrorTotals())
@@ -203,6 +211,14 @@ class AliasStats:
         self.windows.pop(node_id, None)
         self.rolling_back.discard(node_id)
 
+    def may_take_over(self, policy: RollbackPolicy, node_id: str, now: float) -> bool:
+        """Whether a node may take a rolled-back node's share, as far as its own record goes: not rolled back itself
+        within the window (no flip-flop between two failing versions), and within the error limit."""
+        if now - self.rolled_back_at.get(node_id, -math.inf) < policy.window:
+            return False
+        window = self.windows.get(node_id)
+        return window is None or window.rate(now) <= policy.error_rate
+
 
 @dataclass
 class AliasRoute:
@@ -218,6 +234,9 @@ class AliasRoute:
     rollback: RollbackPolicy | None = None
     version: int = 1
     stats: AliasStats = field(default_factory=AliasStats)
+    # Shares changed by an automatic rollback that the store does not have yet: a reload of the same version must
+    # not bring the failing node back.
+    pending_rollback: bool = False
 
     def node_ids(self) -> list[str]:
         return [share.node_id for share in (*self.shares, *self.mirrors)]

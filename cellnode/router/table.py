@@ -67,12 +67,19 @@ class NodeRoute:
 
 
 class RoutingTable:
-    """Node routes by ID and alias routes by routing name. Replacing an entry is one dict assignment, atomic for the
-    event loop: a request holds the route it looked up, so a swap never changes a request under way."""
+    """Node routes by ID and alias routes by routing name. Replacing an entry is one dict assignment: a request holds
+    the route it looked up, so a swap never changes a request under way.
 
-    def __init__(self) -> None:
+    Only the event loop writes to the table (the API's threads go through `anyio.from_thread`), so a write is never
+    interleaved with another. `alias_changes` counts alias writes, so that a reload that read the store before a
+    write can tell it is stale.
+    """
+
+    def __init__(self, default_prefix: str = DEFAULT_PREFIX) -> None:
         self._routes: dict[str, NodeRoute] = {}
         self._aliases: dict[str, AliasRoute] = {}
+        self.default_prefix = default_prefix
+        self.alias_changes = 0
 
     def get(self, node_id: str) -> NodeRoute:
         route = self._routes.get(node_id)
@@ -98,29 +105,48 @@ class RoutingTable:
 
     def get_alias(self, name: str) -> AliasRoute:
         """An alias by its routing name (`datasphere.user.NAME`), or by NAME alone for the default prefix."""
-        route = self._aliases.get(name) or self._aliases.get(f"{DEFAULT_PREFIX}.{name}")
+        route = self._aliases.get(name) or self._aliases.get(f"{self.default_prefix}.{name}")
         if route is None:
             raise NotFound(
-                f"Alias {name!r} not found. Name it as '<prefix>.<name>' (for example '{DEFAULT_PREFIX}.my-alias'); "
-                "'cellnode alias list' shows the aliases you can see."
+                f"Alias {name!r} not found. Name it as '<prefix>.<name>' (for example "
+                f"'{self.default_prefix}.my-alias'); 'cellnode alias list' shows the aliases you can see."
             )
         return route
 
     def find_alias(self, name: str) -> AliasRoute | None:
         return self._aliases.get(name)
 
-    def put_alias(self, route: AliasRoute) -> None:
-        """Put an alias's route, unless the table already has a newer version of it (a reload that read the store
-        before an update landed must not undo it). The new route keeps the old one's statistics."""
+    def put_alias(self, route: AliasRoute) -> bool:
+        """Put an alias's route, unless the table already has a newer version of it, or the same version with a
+        rollback not yet written; the new route keeps the old one's statistics. Whether it was put."""
         current = self._aliases.get(route.name)
         if current is not None and current.alias_id == route.alias_id:
-            if current.version > route.version:
-                return
+            if current.version > route.version or (
+                current.version == route.version and current.pending_rollback and not route.pending_rollback
+            ):
+                return False
             route.stats = current.stats
         self._aliases[route.name] = route
+        self.alias_changes += 1
+        return True
 
     def remove_alias(self, name: str) -> AliasRoute | None:
-        return self._aliases.pop(name, None)
+        removed = self._aliases.pop(name, None)
+        self.alias_changes += 1
+        return removed
+
+    def sync_aliases(self, routes: list[AliasRoute], changes_before: int) -> list[str]:
+        """Replace the aliases with those loaded from the store, unless the table changed since the load began
+        (`alias_changes` was `changes_before`): the next reload will be fresher. The routing names removed."""
+        if self.alias_changes != changes_before:
+            return []
+        for route in routes:
+            self.put_alias(route)
+        names = {route.name for route in routes}
+        gone = [name for name in self._aliases if name not in names]
+        for name in gone:
+            self.remove_alias(name)
+        return gone
 
     def aliases(self) -> list[AliasRoute]:
         return list(self._aliases.values())

@@ -67,7 +67,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
                 f"Admin API key (shown once; also in {settings.admin_key_path}, mode 0600):\n  {first.new_key}"
             )
         blobs = BlobStore(settings.data_dir / "blobs")
-        table = RoutingTable()
+        table = RoutingTable(settings.prefixes[0])
         specs = load_specs(settings.specs_file)
         backend = load_backend(settings.backend)
         metrics = Metrics(table)

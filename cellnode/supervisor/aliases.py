@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from cellnode.router.alias import ROLLBACK_EVENTS, AliasRoute, RollbackPolicy, Share, shift_away
+from cellnode.router.alias import ROLLBACK_EVENTS, AliasRoute, RollbackPolicy, Share
 from cellnode.store.db import Database
 from cellnode.store.models import Alias
 
@@ -50,37 +50,36 @@ def aliases_naming(session: Session, node_id: str) -> list[Alias]:
     ]
 
 
-def write_rollback(db: Database, alias_id: str, node_id: str, *, error_rate: float, requests: int) -> AliasRoute | None:
-    """Move `node_id`'s share of the alias to its other nodes and record why; the new route, or None when there is
-    nothing to do (the alias is gone, no longer sends the node traffic, or has no other node).
-
-    The row is read and written in one transaction, retried once if another change landed meanwhile.
-    """
-    for _attempt in range(3):
-        try:
-            with db.session() as session:
-                row = session.get(Alias, alias_id)
-                if row is None:
-                    return None
-                shares = [Share(s["node_id"], s["percent"]) for s in row.nodes]
-                if not any(s.node_id == node_id and s.percent > 0 for s in shares):
-                    return None
-                moved = shift_away(shares, node_id)
-                if moved is None:
-                    return None
-                event: dict[str, Any] = {
-                    "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                    "node_id": node_id,
-                    "error_rate": round(error_rate, 4),
-                    "requests": requests,
-                    "window": row.rollback_window,
-                    "before": {s.node_id: s.percent for s in shares},
-                    "after": {s.node_id: s.percent for s in moved},
-                }
-                row.nodes = [{"node_id": s.node_id, "percent": s.percent} for s in moved]
-                row.events = [*row.events, event][-ROLLBACK_EVENTS:]
-                session.flush()
-                return alias_route(row)
-        except StaleDataError:
-            continue
-    return None
+def write_rollback(
+    db: Database,
+    alias_id: str,
+    version: int,
+    *,
+    before: list[Share],
+    after: list[Share],
+    node_id: str,
+    error_rate: float,
+    requests: int,
+) -> AliasRoute | None:
+    """Write the shares a rollback decided on `version` of the alias, with its event; the new route, or None when
+    the alias has changed since (or is gone): an owner's change made meanwhile is never overwritten."""
+    try:
+        with db.session() as session:
+            row = session.get(Alias, alias_id)
+            if row is None or row.version != version:
+                return None
+            event: dict[str, Any] = {
+                "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "node_id": node_id,
+                "error_rate": round(error_rate, 4),
+                "requests": requests,
+                "window": row.rollback_window,
+                "before": {share.node_id: share.percent for share in before},
+                "after": {share.node_id: share.percent for share in after},
+            }
+            row.nodes = [{"node_id": share.node_id, "percent": share.percent} for share in after]
+            row.events = [*row.events, event][-ROLLBACK_EVENTS:]
+            session.flush()  # the UPDATE checks the version once more
+            return alias_route(row)
+    except StaleDataError:
+        return None

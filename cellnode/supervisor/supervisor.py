@@ -37,7 +37,7 @@ from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, Inst
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.exceptions import ConfigError, Unavailable
 from cellnode.iam.secrets import SecretBox
-from cellnode.router.alias import AliasRoute, shift_away
+from cellnode.router.alias import AliasRoute, Share, shift_away
 from cellnode.router.instance import Instance
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.store.db import Database
@@ -326,41 +326,74 @@ class Supervisor:
         await self._sync_aliases()
 
     async def _sync_aliases(self) -> None:
+        changes = self._table.alias_changes
         routes = await asyncio.to_thread(load_alias_routes, self._db)
-        for route in routes:
-            self._table.put_alias(route)
-        names = {route.name for route in routes}
-        for gone in [alias.name for alias in self._table.aliases() if alias.name not in names]:
-            self._table.remove_alias(gone)
+        for name in self._table.sync_aliases(routes, changes):
+            if self._metrics is not None:
+                self._metrics.forget_alias(name)
 
     def roll_back(self, alias: AliasRoute, node_id: str, error_rate: float) -> None:
         """Take `node_id` out of the alias at once, for an error rate past the alias's limit, and write it to the
-        store in the background. Called from the execute path, on the event loop."""
-        window = alias.stats.windows.get(node_id)
+        store in the background. Its share goes to nodes that serve now, are not mirrors, and are within the limit
+        themselves; with none, the shares stay and the server logs why. Called on the event loop."""
+        policy, stats = alias.rollback, alias.stats
+        assert policy is not None, "only an alias with a rollback policy counts errors"
+        now = time.monotonic()
+        window = stats.windows.get(node_id)
         requests = window.requests if window is not None else 0
-        moved = shift_away(alias.shares, node_id)
+        mirrors = {share.node_id for share in alias.mirrors}
+
+        def eligible(other: str) -> bool:
+            return other not in mirrors and self._table.serving(other) and stats.may_take_over(policy, other, now)
+
+        moved = shift_away(alias.shares, node_id, eligible)
         if moved is None:
             logger.warning(
-                "Alias %s: node %s has an error rate of %.1f%% over %g s, but it is the alias's only node; it stays.",
+                "Alias %s: node %s has an error rate of %.1f%% over %g s, but no other node can take its share (none "
+                "serves that is not a mirror, within the limit, and not rolled back itself); the shares stay.",
                 alias.name,
                 node_id,
                 error_rate * 100,
-                alias.rollback.window if alias.rollback else 0,
+                policy.window,
             )
-            alias.stats.forget(node_id)  # a fresh window: warned again only after as many requests
+            stats.forget(node_id)  # a fresh window: warned again only after as many requests
             return
-        # In force now; the row follows (a reload in between may briefly bring the old shares back).
-        self._table.put_alias(dataclasses.replace(alias, shares=tuple(moved)))  # same version, same stats
-        self._spawn(self._write_rollback(alias, node_id, error_rate, requests), f"rollback-{alias.alias_id}")
+        stats.rolled_back_at[node_id] = now
+        # In force now, marked so that a reload of the same version cannot undo it before the store has it.
+        self._table.put_alias(dataclasses.replace(alias, shares=tuple(moved), pending_rollback=True))
+        self._spawn(self._write_rollback(alias, node_id, moved, error_rate, requests), f"rollback-{alias.alias_id}")
 
-    async def _write_rollback(self, alias: AliasRoute, node_id: str, error_rate: float, requests: int) -> None:
+    async def _write_rollback(
+        self, alias: AliasRoute, node_id: str, moved: list[Share], error_rate: float, requests: int
+    ) -> None:
+        policy = alias.rollback
+        window = policy.window if policy is not None else 0
         try:
             route = await asyncio.to_thread(
-                write_rollback, self._db, alias.alias_id, node_id, error_rate=error_rate, requests=requests
+                write_rollback,
+                self._db,
+                alias.alias_id,
+                alias.version,
+                before=list(alias.shares),
+                after=moved,
+                node_id=node_id,
+                error_rate=error_rate,
+                requests=requests,
             )
+        except Exception:
+            logger.exception(
+                "Alias %s: writing the rollback of node %s failed; it holds on this server only.", alias.name, node_id
+            )
+            return
         finally:
             alias.stats.forget(node_id)
         if route is None:
+            logger.warning(
+                "Alias %s: node %s was not rolled back in the store: the alias changed meanwhile, and that change "
+                "stands.",
+                alias.name,
+                node_id,
+            )
             return
         self._table.put_alias(route)
         if self._metrics is not None:
@@ -372,7 +405,7 @@ class Supervisor:
             alias.name,
             node_id,
             error_rate * 100,
-            alias.rollback.window if alias.rollback else 0,
+            window,
             requests,
             shares,
         )

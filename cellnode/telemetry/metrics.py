@@ -127,6 +127,20 @@ class Metrics:
         self.alias_http_codes.labels(alias_name, node_id, str(code)).inc()
         self.alias_durations.labels(alias_name, node_id).observe(milliseconds)
 
+    def forget_alias(self, alias_name: str) -> None:
+        """Drop a deleted alias's series: whoever creates an alias of the same name must not see its traffic."""
+        for metric in (
+            self.alias_requests,
+            self.alias_http_codes,
+            self.alias_durations,
+            self.mirror_results,
+            self.mirror_durations,
+            self.rollbacks,
+        ):
+            # prometheus_client offers remove() by label values but no listing; its children dict is the listing.
+            for labels in [key for key in list(metric._metrics) if key[0] == alias_name]:
+                metric.remove(*labels)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -493,3 +494,45 @@ def test_get_alias_not_found_names_the_fix() -> None:
     assert "'<prefix>.<name>'" in message
     assert f"'{DEFAULT_PREFIX}.my-alias'" in message
     assert "'cellnode alias list'" in message
+
+
+# rollback eligibility, pending rollbacks and stale reloads
+
+
+def test_shift_away_gives_the_share_only_to_eligible_nodes() -> None:
+    shares = shares_of({"a": 60, "b": 30, "c": 10})
+    moved = shift_away(shares, "c", lambda node: node != "b")
+    assert moved == [Share("a", 70), Share("b", 30), Share("c", 0)]  # b keeps its share, gains nothing
+    assert shift_away(shares_of({"v1": 100, "v2": 0}), "v1", lambda node: False) is None
+
+
+def test_a_node_rolled_back_within_the_window_or_over_the_limit_may_not_take_over() -> None:
+    stats = AliasStats()
+    stats.rolled_back_at["a"] = 100.0
+    assert not stats.may_take_over(POLICY, "a", 100.0 + POLICY.window - 1)
+    assert stats.may_take_over(POLICY, "a", 100.0 + POLICY.window + 1)
+    for _ in range(POLICY.min_requests):
+        stats.outcome(POLICY, "b", True, now=200.0)
+    assert not stats.may_take_over(POLICY, "b", 200.0)
+    assert stats.may_take_over(POLICY, "fresh", 200.0)
+
+
+def test_a_reload_of_the_same_version_does_not_undo_a_pending_rollback() -> None:
+    table = RoutingTable()
+    table.put_alias(alias_route(version=4))
+    pending = dataclasses.replace(table.get_alias("churn"), shares=(Share("a", 100),), pending_rollback=True)
+    assert table.put_alias(pending)
+    assert not table.put_alias(alias_route(version=4))  # a reload that read the store before the write
+    assert table.get_alias("churn") is pending
+    written = alias_route(version=5, shares=(Share("a", 100),))
+    assert table.put_alias(written)
+    assert table.get_alias("churn") is written
+
+
+def test_a_reload_that_read_the_store_before_a_change_is_dropped() -> None:
+    table = RoutingTable()
+    before = table.alias_changes
+    table.put_alias(alias_route(alias_id="new", version=1))  # created while the reload read the store
+    assert table.sync_aliases([], before) == []
+    assert table.find_alias("datasphere.user.churn") is not None
+    assert table.sync_aliases([], table.alias_changes) == ["datasphere.user.churn"]
