@@ -278,7 +278,8 @@ class Alias(Base):
     rollback_error_rate: Mapped[float | None] = mapped_column(Float)
     rollback_window: Mapped[float | None] = mapped_column(Float)
     rollback_min_requests: Mapped[int] = mapped_column(Integer, default=10)
-    # Observed: the automatic rollbacks, newest last: [{"at", "node_id", "error_rate", "requests", "shares"}].
+    # Observed: the automatic rollbacks, newest last: [{"at", "node_id", "error_rate", "requests", "window",
+    # "before", "after"}].
     events: Mapped[list[Any]] = mapped_column(default=list)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_by: Mapped[str] = mapped_column(String(20))
