@@ -44,8 +44,6 @@ from cellnode.router.instance import NotStarted
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.runtime.variables import check_input, type_name
 
-BODY_FIELDS = ("folder_id", "folderId", "node_id", "nodeId", "input")
-ALIAS_BODY_FIELDS = ("folder_id", "folderId", "alias_name", "aliasName", "input")
 NODE_PREFIX = "/datasphere/v1/nodes/"
 ALIAS_PREFIX = "/datasphere/v1/aliases/"
 ROUTE_KEY = "x-cellnode-route-key"
@@ -72,51 +70,37 @@ alias_logger = logging.getLogger("cellnode.alias")
 async def execute_node(request: Request) -> Response:
     """The reference REST call: body `{"folder_id": ..., "input": {...}}`, answer `{"output": {...}}`."""
     svc: Services = request.app.state.services
-    request.scope[CALLER] = caller = await svc.auth.authenticate(
-        request.headers.get("authorization"), client_of(request.scope)
-    )
-    node_id = request.path_params["node_id"]
-    data = _parse(await read_body(request))
-    if type(data) is not dict:
-        raise InvalidArgument(
-            f"The request body must be a JSON object with 'folder_id' and 'input'; got {type_name(data)}."
-        )
-    for key in data:
-        if key not in BODY_FIELDS:
-            raise InvalidArgument(f"Unknown field {key!r} in the request body; expected 'folder_id' and 'input'.")
-    named = data.get("node_id", data.get("nodeId"))
-    if named is not None and named != node_id:
-        raise InvalidArgument(
-            f"The body names node_id {named!r} but the path names {node_id!r}; remove node_id from the body "
-            "or make the two agree."
-        )
-    folder_id = data.get("folder_id", data.get("folderId")) or request.headers.get("x-folder-id")
-    request.scope[FOLDER] = folder_id
-    inputs = data.get("input", {})
-    if type(inputs) is not dict:
-        raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
-    return await _run(svc, caller, node_id, folder_id, inputs, request.scope[REQUEST_ID])
+    caller, folder_id, inputs = await _read_call(request, "node_id", "nodeId")
+    return await _run(svc, caller, request.path_params["node_id"], folder_id, inputs, request.scope[REQUEST_ID])
 
 
 async def execute_alias(request: Request) -> Response:
     """The reference REST call on an alias: body `{"folder_id": ..., "input": {...}}`, answer `{"output": {...}}`."""
     svc: Services = request.app.state.services
+    caller, folder_id, inputs = await _read_call(request, "alias_name", "aliasName")
+    return await _run_alias(svc, caller, request, request.path_params["alias_name"], folder_id, inputs)
+
+
+async def _read_call(request: Request, target: str, camel: str) -> tuple[Caller, Any, dict[str, Any]]:
+    """Authenticate a path-form execute call and read its body: the caller, the folder it names (in the body or
+    `x-folder-id`) and the input object. The body may repeat the path's `target` (`node_id` or `alias_name`,
+    also in camelCase), which must then agree with it."""
+    svc: Services = request.app.state.services
     request.scope[CALLER] = caller = await svc.auth.authenticate(
         request.headers.get("authorization"), client_of(request.scope)
     )
-    name = request.path_params["alias_name"]
     data = _parse(await read_body(request))
     if type(data) is not dict:
         raise InvalidArgument(
             f"The request body must be a JSON object with 'folder_id' and 'input'; got {type_name(data)}."
         )
     for key in data:
-        if key not in ALIAS_BODY_FIELDS:
+        if key not in ("folder_id", "folderId", "input", target, camel):
             raise InvalidArgument(f"Unknown field {key!r} in the request body; expected 'folder_id' and 'input'.")
-    named = data.get("alias_name", data.get("aliasName"))
-    if named is not None and named != name:
+    named, in_path = data.get(target, data.get(camel)), request.path_params[target]
+    if named is not None and named != in_path:
         raise InvalidArgument(
-            f"The body names alias_name {named!r} but the path names {name!r}; remove alias_name from the body "
+            f"The body names {target} {named!r} but the path names {in_path!r}; remove {target} from the body "
             "or make the two agree."
         )
     folder_id = data.get("folder_id", data.get("folderId")) or request.headers.get("x-folder-id")
@@ -124,7 +108,7 @@ async def execute_alias(request: Request) -> Response:
     inputs = data.get("input", {})
     if type(inputs) is not dict:
         raise InvalidArgument(f"'input' must be a JSON object of input variables; got {type_name(inputs)}.")
-    return await _run_alias(svc, caller, request, name, folder_id, inputs)
+    return caller, folder_id, inputs
 
 
 async def execute_by_header(request: Request) -> Response:
