@@ -45,6 +45,7 @@ from execute_vs_fastapi import (
     machine,
     measure,
     parse_wrk,
+    parse_wrk_args,
     run_wrk,
     sigterm_as_interrupt,
     summarize,
@@ -317,16 +318,7 @@ def report(variants: dict[str, Variant], info: dict[str, Any], args: argparse.Na
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=6, help="seconds of each measured wrk run (default 6)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant (default 3)")
-    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads, at most --connections (default 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of discarded wrk run before each (default 2)")
-    args = parser.parse_args()
-    if args.duration <= 0 or args.rounds < 1 or args.connections < 1 or args.threads < 1 or args.warmup < 0:
-        parser.error("--duration, --rounds, --connections and --threads must be positive, --warmup not negative")
-    return args
+    return parse_wrk_args(__doc__, duration=6, per="variant")
 
 
 def main() -> int:

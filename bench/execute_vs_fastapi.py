@@ -477,15 +477,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run (default 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per system (default 3)")
+    return parse_wrk_args(__doc__, duration=10, per="system")
+
+
+def parse_wrk_args(description: str | None, *, duration: int, per: str) -> argparse.Namespace:
+    """The wrk options every benchmark here takes, with this one's default duration."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--duration", type=int, default=duration, help=f"seconds of each measured wrk run (default {duration})"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help=f"alternating rounds per {per} (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads, at most --connections (default 2)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of discarded wrk run before each (default 2)")
     args = parser.parse_args()
-    if args.duration <= 0 or args.rounds < 1 or args.connections < 1 or args.threads < 1 or args.warmup < 0:
-        parser.error("--duration, --rounds, --connections and --threads must be positive, --warmup not negative")
+    for flag in ("duration", "rounds", "connections", "threads", "warmup"):
+        least = 0 if flag == "warmup" else 1
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} is {getattr(args, flag)}; give {least} or more")
     return args
 
 
