@@ -1,10 +1,10 @@
-"""How a shadow's answer is compared with the primary's (`cellnode.api.execute._compare`), branch by branch."""
+"""How a shadow's answer is compared with the primary's (`cellnode.api.shadows.compare`), branch by branch."""
 
 from __future__ import annotations
 
 import pytest
 
-from cellnode.api.execute import _compare
+from cellnode.api.shadows import compare as _compare
 from cellnode.exceptions import APIError, CellExecutionError, DeadlineExceeded, InternalError, OutputError, Unavailable
 
 
