@@ -427,6 +427,10 @@ class Client:
     def node_openapi(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
         return self._request("GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}/openapi.json", params=_folder(folder_id))
 
+    def node_proto(self, ref: str, *, folder_id: str | None = None) -> dict[str, Any]:
+        """The node's typed gRPC service: `proto` (the .proto text), `file_name`, `service` and `method`."""
+        return self._request("GET", f"/cellnode/v1/nodes/{quote(ref, safe='')}/proto", params=_folder(folder_id))
+
     def execute(
         self, node: str, input: dict[str, Any], *, folder_id: str | None = None, timeout: float | None = None
     ) -> dict[str, Any]:

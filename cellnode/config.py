@@ -38,6 +38,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on. Defaults to 127.0.0.1 (this machine only).")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="HTTP port. Defaults to 8080; 0 picks a free one.")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="gRPC port (NodeService, typed node services, health, reflection). Default: no gRPC; 0 picks one.",
+    )
     data_dir: Path = Field(default_factory=default_data_dir, description="Directory for the database, blobs, logs.")
     database_url: str | None = Field(None, description="SQLAlchemy URL. Defaults to SQLite in the data directory.")
     backend: str = Field("local", description="Where instances run. Only 'local' (processes on this machine) now.")
@@ -132,6 +138,11 @@ class Settings(BaseSettings):
                 f"host {self.host!r} is not a loopback address, and without TLS API keys and data would cross the "
                 "network in clear; give --tls-cert and --tls-key, or --insecure if a TLS proxy on this machine "
                 "fronts the server"
+            )
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port (CELLNODE_GRPC_PORT, --grpc-port) is {self.grpc_port}, the same as the HTTP port; give "
+                "each its own port, or 0 to pick a free one"
             )
         return self
 

@@ -18,6 +18,7 @@ import httpx
 from cellnode.client import Client
 
 URL_LINE = re.compile(r"serving (https?://\S+)")
+GRPC_LINE = re.compile(r"^gRPC on (\S+)$", re.MULTILINE)
 PR_SET_PDEATHSIG = 1
 
 
@@ -29,8 +30,10 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """`cellnode serve --port 0` in a subprocess; `start()` returns once /health answers."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.args = args
+        self.grpc_address = ""  # host:port, with --grpc-port
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CELLNODE_")}
         self.env = {**clean, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
@@ -41,7 +44,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.output = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cellnode", "serve", "--port", "0", "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "cellnode", "serve", "--port", "0", "--data-dir", str(self.data_dir), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -60,6 +63,8 @@ class ServerProcess:
                 self.url = match.group(1)
                 try:
                     if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                        grpc_line = GRPC_LINE.search("".join(self.output))
+                        self.grpc_address = grpc_line.group(1) if grpc_line else ""
                         return self
                 except httpx.HTTPError:
                     pass

@@ -18,6 +18,7 @@ from cellnode.api.schemas import (
     NodeCreate,
     NodeList,
     NodeOut,
+    NodeProto,
     NodeUpdate,
     VariableDecl,
     ZoneDecl,
@@ -247,6 +248,28 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")
         return node_openapi(node)
+
+
+@router.get("/{ref}/proto")
+def get_node_proto(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeProto:
+    """The .proto file of the node's typed gRPC service (one field per variable), for generating a client."""
+    from cellnode.grpc.typed import TypedNode, TypedServiceError
+
+    with svc.db.session() as session:
+        node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")
+        inputs = {variable["name"]: variable["type"] for variable in node.inputs}
+        outputs = {variable["name"]: variable["type"] for variable in node.outputs}
+        try:
+            typed = TypedNode.build(node.id, node.name, inputs, outputs)
+        except TypedServiceError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        return NodeProto(
+            node_id=node.id,
+            file_name=typed.file.name,
+            service=typed.service_name,
+            method=typed.method_path,
+            proto=typed.proto_text(),
+        )
 
 
 def node_out(session: Session, node: Node) -> NodeOut:

@@ -305,6 +305,16 @@ class LogList(BaseModel):
     lines: list[LogLine]
 
 
+class NodeProto(BaseModel):
+    """A node's typed gRPC service: its .proto file, and the names a client calls it by."""
+
+    node_id: str
+    file_name: str  # cellnode/nodes/n<ID>.proto
+    service: str  # cellnode.nodes.n<ID>.Node
+    method: str  # /cellnode.nodes.n<ID>.Node/Execute
+    proto: str  # the file's text
+
+
 METADATA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 MAX_ALIAS_NODES = 32
 MAX_METADATA = 32

@@ -61,6 +61,13 @@ def serve(
         str | None,
         typer.Option(envvar="CELLNODE_PORT", help="HTTP port. Default: 8080; 0 picks a free one."),
     ] = None,
+    grpc_port: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CELLNODE_GRPC_PORT",
+            help="Also serve gRPC on this port (NodeService, typed node services, reflection, health); 0 picks one.",
+        ),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(envvar="CELLNODE_DATA_DIR", help="Database, blobs and logs. Default: ~/.local/share/cellnode."),
@@ -96,6 +103,7 @@ def serve(
         load_settings(
             host=host,
             port=port,
+            grpc_port=grpc_port,
             data_dir=data_dir,
             log_level=log_level,
             idle_timeout=idle_timeout,

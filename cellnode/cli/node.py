@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -362,3 +363,24 @@ def openapi(node: Annotated[str, typer.Argument(help="Node name or ID.")], folde
     with client() as api:
         document = api.node_openapi(node, folder_id=folder)
     typer.echo(json.dumps(document, indent=2))
+
+
+@app.command()
+def proto(
+    node: Annotated[str, typer.Argument(help="Node name or ID.")],
+    folder: FolderOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the file here instead of printing it.")
+    ] = None,
+) -> None:
+    """Print the .proto of the node's typed gRPC service (one typed field per variable), for generating a client.
+
+    Example: cellnode node proto randomizer-node -o randomizer.proto
+    """
+    with client() as api:
+        found = api.node_proto(node, folder_id=folder)
+    if output is None:
+        typer.echo(found["proto"], nl=False)
+        return
+    output.write_text(found["proto"])
+    typer.echo(f"Wrote {output}: service {found['service']}, method {found['method']}.", err=True)

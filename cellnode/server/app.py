@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -47,7 +47,12 @@ from cellnode.supervisor.specs import count_gpus, load_specs
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
 
+if TYPE_CHECKING:
+    from cellnode.grpc.front import GrpcFront
+
 logger = logging.getLogger("cellnode.server")
+# Seconds the RPCs under way get to finish when the server stops.
+GRPC_GRACE = 5.0
 
 
 def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> execute.ExecuteFront:
@@ -106,9 +111,17 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             secret_box=secret_box,
         )
         await supervisor.start()
+        grpc_front = None
         try:
+            if settings.grpc_port is not None:
+                grpc_front = await start_grpc(app.state.services)
+                if announce is not None:
+                    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                    announce(f"gRPC on {host}:{grpc_front.port}")
             yield
         finally:
+            if grpc_front is not None:
+                await grpc_front.stop(GRPC_GRACE)
             logger.info("Stopping all instances.")
             # After the last request, and first: the audit rows still queued are written whatever fails next.
             await asyncio.to_thread(app.state.services.audit.close)
@@ -138,6 +151,20 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
 async def health(request: Request) -> JSONResponse:
     """Liveness of the server itself; needs no credential."""
     return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def start_grpc(svc: Services) -> GrpcFront:
+    """The gRPC front on the settings' host and gRPC port, with the HTTP front's certificate if it has one."""
+    from cellnode.grpc.front import GrpcFront
+
+    settings = svc.settings
+    tls = None
+    if settings.tls_cert and settings.tls_key:
+        tls = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    front = GrpcFront(svc)
+    assert settings.grpc_port is not None
+    await front.start(settings.host, settings.grpc_port, tls)
+    return front
 
 
 def load_backend(name: str) -> Backend:

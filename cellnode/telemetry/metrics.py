@@ -38,6 +38,12 @@ class Metrics:
             [*labels, "code"],
             registry=self.registry,
         )
+        self.grpc_codes = Counter(
+            "node_grpc_codes",
+            "Execute responses over gRPC per node and status code name (node_path is the gRPC method).",
+            [*labels, "code"],
+            registry=self.registry,
+        )
         self.durations = Histogram(
             "node_request_durations",
             "Execute request durations per node, in milliseconds.",
@@ -87,6 +93,12 @@ class Metrics:
             [*alias_labels, "code"],
             registry=self.registry,
         )
+        self.alias_grpc_codes = Counter(
+            "alias_grpc_codes",
+            "gRPC responses of an alias per node that answered and status code name (node_id is empty when none did).",
+            [*alias_labels, "code"],
+            registry=self.registry,
+        )
         self.alias_durations = Histogram(
             "alias_request_durations",
             "Request durations of an alias per node that answered, in milliseconds.",
@@ -115,16 +127,20 @@ class Metrics:
         )
         self.registry.register(_InstanceCollector(table, lambda: self.view()))
 
-    def observe(self, node_id: str, node_path: str, code: int, milliseconds: float) -> None:
-        """Count one execute request of a known node."""
+    def observe(
+        self, node_id: str, node_path: str, code: int | str, milliseconds: float, *, grpc: bool = False
+    ) -> None:
+        """Count one execute request of a known node: `code` is the HTTP status, or the gRPC code's name."""
         self.requests.labels(node_id, node_path).inc()
-        self.http_codes.labels(node_id, node_path, str(code)).inc()
+        (self.grpc_codes if grpc else self.http_codes).labels(node_id, node_path, str(code)).inc()
         self.durations.labels(node_id, node_path).observe(milliseconds)
 
-    def observe_alias(self, alias_name: str, node_id: str, code: int, milliseconds: float) -> None:
+    def observe_alias(
+        self, alias_name: str, node_id: str, code: int | str, milliseconds: float, *, grpc: bool = False
+    ) -> None:
         """Count one request to an alias; `node_id` is the node that answered, or empty."""
         self.alias_requests.labels(alias_name, node_id).inc()
-        self.alias_http_codes.labels(alias_name, node_id, str(code)).inc()
+        (self.alias_grpc_codes if grpc else self.alias_http_codes).labels(alias_name, node_id, str(code)).inc()
         self.alias_durations.labels(alias_name, node_id).observe(milliseconds)
 
     def forget_alias(self, alias_name: str) -> None:
@@ -132,6 +148,7 @@ class Metrics:
         for metric in (
             self.alias_requests,
             self.alias_http_codes,
+            self.alias_grpc_codes,
             self.alias_durations,
             self.mirror_results,
             self.mirror_durations,

@@ -90,6 +90,7 @@ def rules(ids: dict[str, str]) -> dict[tuple[str, str], Rule]:
         ("POST", "/cellnode/v1/nodes/{ref}:resume"): Rule("developer"),
         ("GET", "/cellnode/v1/nodes/{ref}/logs"): Rule("viewer"),
         ("GET", "/cellnode/v1/nodes/{ref}/openapi.json"): Rule("viewer"),
+        ("GET", "/cellnode/v1/nodes/{ref}/proto"): Rule("viewer"),
         ("POST", "/cellnode/v1/secrets"): Rule("admin", {"name": "WALKED_TOO", "value": "walked", **folder}),
         ("GET", "/cellnode/v1/secrets"): Rule("developer", params=folder),
         ("GET", "/cellnode/v1/secrets/{ref}"): Rule("developer"),

@@ -1,0 +1,366 @@
+"""The gRPC front: `yandex.cloud.datasphere.v1.NodeService` (Execute, ExecuteAlias), a typed service per cell node,
+health and reflection, on a `grpc.aio` server in the HTTP front's event loop.
+
+A call is parsed into the same `Call` the REST front makes and runs through the same core (`cellnode/api/calls.py`):
+the credential from the token cache, the node or alias from the routing table, one instance hop, no database query.
+Errors carry the REST mapping's gRPC code (`APIError.grpc_code`) and a `google.rpc.Status` in the
+`grpc-status-details-bin` trailer, with `NodeExecutionErrorDetails` when the cell raised. The caller's deadline bounds
+the node's timeout. Messages are read as bytes and checked against the 16 MB limit here, so a larger one is refused
+with a message that names the limit rather than the transport's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import orjson
+from google.protobuf import any_pb2, message
+from google.rpc import error_details_pb2, status_pb2
+
+from cellnode.api.calls import Call, run_alias, run_node
+from cellnode.config import MAX_MESSAGE_BYTES
+from cellnode.exceptions import (
+    ERROR_INFO_TYPE,
+    EXECUTION_ERROR_TYPE,
+    APIError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+)
+from cellnode.grpc import protos
+from cellnode.grpc.values import struct_to_json
+from cellnode.iam.audit import DENIED
+from cellnode.iam.credentials import Caller
+
+if TYPE_CHECKING:
+    from cellnode.api.deps import Services
+    from cellnode.grpc.typed import TypedNode
+
+logger = logging.getLogger("cellnode.grpc")
+
+ROUTE_KEY = "x-cellnode-route-key"
+# The transport refuses messages past this itself (with its own wording); up to it, ours names the 16 MB limit.
+TRANSPORT_LIMIT = 2 * MAX_MESSAGE_BYTES
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+Behavior = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
+
+
+class Rpc:
+    """What one RPC carries besides its message: metadata, the caller once known, and what the metrics need."""
+
+    __slots__ = ("metadata", "client", "request_id", "caller", "call", "folder_id", "named")
+
+    def __init__(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        self.metadata: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str):
+                self.metadata.setdefault(key, value)
+        self.client = client_of(context.peer())
+        self.request_id = os.urandom(8).hex()
+        self.caller: Caller | None = None
+        self.call: Call | None = None
+        self.folder_id: Any = None
+        self.named: tuple[str, str] | None = None  # ("node" or "alias", as the request named it)
+
+
+class GrpcFront:
+    """The gRPC server of `cellnode serve --grpc-port`, sharing the HTTP front's services."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._typed: dict[str, tuple[Any, TypedNode]] = {}
+        self._methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            protos.EXECUTE: self._unary(self._execute, protos.EXECUTE),
+            protos.EXECUTE_ALIAS: self._unary(self._execute_alias, protos.EXECUTE_ALIAS),
+        }
+        from cellnode.grpc.discovery import Discovery
+
+        self.discovery = Discovery(self)
+        self._methods.update(self.discovery.handlers())
+
+    async def start(self, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
+        """Listen on `host:port` (0 picks a port) and serve; the port it listens on."""
+        options = [
+            ("grpc.max_receive_message_length", TRANSPORT_LIMIT),
+            ("grpc.max_send_message_length", TRANSPORT_LIMIT),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.server.add_generic_rpc_handlers([_Handlers(self)])
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        await self.server.start()
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new RPCs, give those under way `grace` seconds, then cancel them."""
+        self.discovery.close()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    def find(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._methods.get(method)
+        if handler is not None:
+            return handler
+        from cellnode.grpc.typed import node_id_of_service
+
+        service, _, name = method[1:].rpartition("/")
+        node_id = node_id_of_service(service)
+        if node_id is None or name != "Execute":
+            return None
+        return self._unary(lambda raw, context, rpc: self._execute_typed(node_id, raw, context, rpc), method)
+
+    def typed(self, node_id: str) -> TypedNode:
+        """The typed service of a node as it is now; rebuilt when its variables change. NotFound for no node."""
+        from cellnode.grpc.typed import TypedNode, TypedServiceError
+
+        route = self.svc.table.get(node_id)
+        key = (route.name, route.inputs, route.outputs)
+        cached = self._typed.get(node_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            typed = TypedNode.build(route.node_id, route.name, route.inputs, route.outputs)
+        except TypedServiceError as exc:
+            raise NotFound(str(exc)) from None
+        self._typed[node_id] = (key, typed)
+        return typed
+
+    def _unary(
+        self, behavior: Callable[[bytes, Any, Rpc], Awaitable[bytes]], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            return await self._serve(behavior, method, raw, context)
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def _serve(
+        self,
+        behavior: Callable[[bytes, Any, Rpc], Awaitable[bytes]],
+        method: str,
+        raw: bytes,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+    ) -> bytes:
+        """Run one execute RPC: count it, audit it when denied, and turn an APIError into its status."""
+        started = time.perf_counter()
+        rpc = Rpc(context)
+        error: APIError | None = None
+        answer = b""
+        try:
+            if len(raw) > MAX_MESSAGE_BYTES:
+                raise PayloadTooLarge(
+                    f"The request message is {len(raw)} bytes, over the 16 MB limit ({MAX_MESSAGE_BYTES} bytes); "
+                    "send less data."
+                )
+            answer = await behavior(raw, context, rpc)
+            if len(answer) > MAX_MESSAGE_BYTES:
+                raise PayloadTooLarge(
+                    f"The answer is {len(answer)} bytes, over the 16 MB limit of a message ({MAX_MESSAGE_BYTES} "
+                    "bytes); make the cell return less data."
+                )
+        except APIError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            self._observe(method, rpc, "CANCELLED", started)
+            raise
+        except Exception:
+            logger.exception("Unexpected error on %s", method)
+            error = InternalError("Internal error; the server log has the details.")
+        code = grpc.StatusCode.OK if error is None else _CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN)
+        self._observe(method, rpc, code.name, started)
+        trailer: list[tuple[str, str | bytes]] = [("x-request-id", rpc.request_id)]
+        if rpc.call is not None and rpc.call.alias is not None and rpc.call.node_id is not None:
+            trailer.append(("x-node-id", rpc.call.node_id))
+        if error is None:
+            context.set_trailing_metadata(tuple(trailer))
+            return answer
+        if error.status_code in DENIED or (isinstance(error, TooManyRequests) and rpc.caller is None):
+            self._audit_denied(rpc, error.status_code)
+        await abort(context, error, rpc.request_id, trailer[1:])
+
+    async def _authenticate(self, rpc: Rpc) -> Caller:
+        rpc.caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
+        return rpc.caller
+
+    def _new_call(self, rpc: Rpc, caller: Caller, folder_id: str, inputs: dict[str, Any], context: Any) -> Call:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        rpc.folder_id = folder_id = folder_id or rpc.metadata.get("x-folder-id", "")
+        rpc.call = Call(
+            caller, folder_id, inputs, rpc.request_id, route_key=rpc.metadata.get(ROUTE_KEY), deadline=deadline
+        )
+        return rpc.call
+
+    async def _execute(self, raw: bytes, context: Any, rpc: Rpc) -> bytes:
+        caller = await self._authenticate(rpc)
+        request = _parse(protos.NodeExecutionRequest, raw)
+        node_id = _target(request.node_id, rpc.metadata.get("x-node-id"), "node_id", "x-node-id")
+        alias_name = rpc.metadata.get("x-node-alias")
+        if node_id and alias_name:
+            raise InvalidArgument(
+                f"The request names both node {node_id!r} and alias {alias_name!r} (x-node-alias); name one of the two."
+            )
+        if not node_id and not alias_name:
+            raise InvalidArgument(
+                "The request names no node: set 'node_id' in the message (or the 'x-node-id' metadata), or call "
+                "ExecuteAlias with 'alias_name' (or send 'x-node-alias' metadata)."
+            )
+        call = self._new_call(rpc, caller, request.folder_id, struct_to_json(request.input), context)
+        if alias_name:
+            rpc.named = ("alias", alias_name)
+            output = await run_alias(self.svc, call, alias_name)
+        else:
+            rpc.named = ("node", node_id)
+            output = await run_node(self.svc, call, node_id)
+        response = protos.NodeExecutionResponse()
+        response.output.SetInParent()  # a node without outputs still answers an (empty) output
+        response.output.update(orjson.loads(output))
+        answer: bytes = response.SerializeToString()
+        return answer
+
+    async def _execute_alias(self, raw: bytes, context: Any, rpc: Rpc) -> bytes:
+        caller = await self._authenticate(rpc)
+        request = _parse(protos.AliasExecutionRequest, raw)
+        alias_name = _target(request.alias_name, rpc.metadata.get("x-node-alias"), "alias_name", "x-node-alias")
+        if not alias_name:
+            raise InvalidArgument(
+                "The request names no alias: set 'alias_name' (as datasphere.user.NAME, or the bare NAME) in the "
+                "message, or send 'x-node-alias' metadata."
+            )
+        rpc.named = ("alias", alias_name)
+        call = self._new_call(rpc, caller, request.folder_id, struct_to_json(request.input), context)
+        output = await run_alias(self.svc, call, alias_name)
+        response = protos.AliasExecutionResponse()
+        response.output.SetInParent()  # a node without outputs still answers an (empty) output
+        response.output.update(orjson.loads(output))
+        answer: bytes = response.SerializeToString()
+        return answer
+
+    async def _execute_typed(self, node_id: str, raw: bytes, context: Any, rpc: Rpc) -> bytes:
+        caller = await self._authenticate(rpc)
+        rpc.named = ("node", node_id)
+        typed = self.typed(node_id)
+        folder_id, inputs = typed.decode(raw)
+        call = self._new_call(rpc, caller, folder_id, inputs, context)
+        return typed.encode(await run_node(self.svc, call, node_id))
+
+    def _observe(self, method: str, rpc: Rpc, code: str, started: float) -> None:
+        """Count an execute RPC in the node metrics if it reached a node that exists, and in the alias metrics if it
+        named an alias that exists."""
+        call = rpc.call
+        if call is None:
+            return
+        milliseconds = (time.perf_counter() - started) * 1000
+        if call.alias is not None:
+            self.svc.metrics.observe_alias(call.alias, call.node_id or "", code, milliseconds, grpc=True)
+        if call.node_id is not None and self.svc.table.find(call.node_id) is not None:
+            self.svc.metrics.observe(call.node_id, method, code, milliseconds, grpc=True)
+
+    def _audit_denied(self, rpc: Rpc, code: int) -> None:
+        kind, named = rpc.named if rpc.named is not None else ("node", "")
+        if rpc.call is not None and rpc.call.alias is not None:
+            kind, named = "alias", rpc.call.alias
+        folder = rpc.folder_id or rpc.metadata.get("x-folder-id")
+        self.svc.audit.record(
+            action="aliases.execute" if kind == "alias" else "nodes.execute",
+            code=code,
+            resource=f"{kind}/{named}" if named else "",
+            folder=folder if isinstance(folder, str) and folder else None,
+            caller=rpc.caller,
+            client=rpc.client,
+            request_id=rpc.request_id,
+            result="denied",
+        )
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    def __init__(self, front: GrpcFront) -> None:
+        self.front = front
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self.front.find(handler_call_details.method)
+
+
+def _parse(message_class: Any, raw: bytes) -> Any:
+    try:
+        return message_class.FromString(raw)
+    except message.DecodeError:
+        raise InvalidArgument(
+            f"The request is not a valid {message_class.DESCRIPTOR.full_name} message; check the client's .proto "
+            "against the server's (reflection serves it)."
+        ) from None
+
+
+def _target(in_message: str, in_metadata: str | None, field: str, header: str) -> str:
+    """The node or alias a request names, in its message or its metadata; the two must agree when both are sent."""
+    if in_message and in_metadata and in_message != in_metadata:
+        raise InvalidArgument(
+            f"The message names {field} {in_message!r} but the {header} metadata names {in_metadata!r}; send one, "
+            "or make the two agree."
+        )
+    return in_message or in_metadata or ""
+
+
+def client_of(peer: str | None) -> str:
+    """The client's address from a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`); empty if unknown."""
+    if not peer:
+        return ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return ""
+
+
+async def abort(
+    context: Any, error: APIError, request_id: str, trailer: list[tuple[str, str | bytes]] | None = None
+) -> NoReturn:
+    """End the RPC with the error's code and message, and its `google.rpc.Status` in `grpc-status-details-bin`."""
+    metadata = [
+        ("x-request-id", request_id),
+        *(trailer or []),
+        ("grpc-status-details-bin", status_of(error).SerializeToString()),
+    ]
+    await context.abort(_CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN), error.message, tuple(metadata))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def status_of(error: APIError) -> status_pb2.Status:
+    """The `google.rpc.Status` of an error, its details packed: ErrorInfo (which names our error class, as the REST
+    body does), NodeExecutionErrorDetails when the cell raised, and RetryInfo when the caller should wait."""
+    status = status_pb2.Status(code=error.grpc_code, message=error.message)
+    for detail in error.to_status()["details"]:
+        kind = detail.get("@type")
+        packed = any_pb2.Any()
+        if kind == ERROR_INFO_TYPE:
+            packed.Pack(error_details_pb2.ErrorInfo(reason=detail["reason"], domain=detail["domain"]))
+        elif kind == EXECUTION_ERROR_TYPE:
+            packed.Pack(
+                protos.NodeExecutionErrorDetails(
+                    error_name=detail.get("error_name", ""),
+                    error_message=detail.get("error_message", ""),
+                    traceback=detail.get("traceback", []),
+                )
+            )
+        else:
+            continue  # a detail of the REST body only (a capture's failure); the message says it too
+        status.details.append(packed)
+    if isinstance(error, TooManyRequests):
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay={"seconds": error.retry_after}))
+        status.details.append(packed)
+    return status

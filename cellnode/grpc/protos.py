@@ -1,0 +1,86 @@
+"""The reference's gRPC messages, `yandex.cloud.datasphere.v1.NodeService` and `NodeExecutionErrorDetails`, built
+as descriptors in a pool of their own (no generated code, so no tie to the protoc that generated it).
+
+Field names and numbers are the reference's (`node_service.proto` and `node_execution_error_details.proto` of the
+cloudapi repository): a client generated from those files, or a reflection-based one such as grpcurl, talks to
+cellnode unchanged. `cellnode/grpc/proto/` holds the same files as text, rendered from these descriptors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+
+PACKAGE = "yandex.cloud.datasphere.v1"
+SERVICE = f"{PACKAGE}.NodeService"
+EXECUTE = f"/{SERVICE}/Execute"
+EXECUTE_ALIAS = f"/{SERVICE}/ExecuteAlias"
+SERVICE_FILE = "yandex/cloud/datasphere/v1/node_service.proto"
+DETAILS_FILE = "yandex/cloud/datasphere/v1/node_execution_error_details.proto"
+STRUCT_FILE = "google/protobuf/struct.proto"
+
+_STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
+_MESSAGE = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+_OPTIONAL = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+_REPEATED = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+_STRUCT = ".google.protobuf.Struct"
+
+
+def _message(file: descriptor_pb2.FileDescriptorProto, name: str, *fields: tuple[str, int, str | None]) -> None:
+    """Add a message whose fields are (name, number, message type or None for string)."""
+    message = file.message_type.add(name=name)
+    for field_name, number, type_name in fields:
+        field = message.field.add(name=field_name, number=number, label=_OPTIONAL)
+        if type_name is None:
+            field.type = _STRING
+        else:
+            field.type, field.type_name = _MESSAGE, type_name
+
+
+def service_file() -> descriptor_pb2.FileDescriptorProto:
+    """`node_service.proto`: NodeService and its four messages."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name=SERVICE_FILE, package=PACKAGE, syntax="proto3", dependency=[STRUCT_FILE]
+    )
+    _message(file, "NodeExecutionRequest", ("folder_id", 1, None), ("node_id", 2, None), ("input", 3, _STRUCT))
+    _message(file, "NodeExecutionResponse", ("output", 1, _STRUCT))
+    _message(file, "AliasExecutionRequest", ("folder_id", 1, None), ("alias_name", 2, None), ("input", 3, _STRUCT))
+    _message(file, "AliasExecutionResponse", ("output", 1, _STRUCT))
+    service = file.service.add(name="NodeService")
+    for method, request, response in (
+        ("Execute", "NodeExecutionRequest", "NodeExecutionResponse"),
+        ("ExecuteAlias", "AliasExecutionRequest", "AliasExecutionResponse"),
+    ):
+        service.method.add(name=method, input_type=f".{PACKAGE}.{request}", output_type=f".{PACKAGE}.{response}")
+    return file
+
+
+def details_file() -> descriptor_pb2.FileDescriptorProto:
+    """`node_execution_error_details.proto`: what a cell's exception says, in a gRPC status's details."""
+    file = descriptor_pb2.FileDescriptorProto(name=DETAILS_FILE, package=PACKAGE, syntax="proto3")
+    _message(file, "NodeExecutionErrorDetails", ("error_name", 1, None), ("error_message", 2, None))
+    file.message_type[0].field.add(name="traceback", number=3, label=_REPEATED, type=_STRING)
+    return file
+
+
+def struct_file() -> descriptor_pb2.FileDescriptorProto:
+    file = descriptor_pb2.FileDescriptorProto()
+    struct_pb2.DESCRIPTOR.CopyToProto(file)
+    return file
+
+
+POOL = descriptor_pool.DescriptorPool()
+for _file in (struct_file(), service_file(), details_file()):
+    POOL.Add(_file)
+
+
+def _class(name: str) -> Any:
+    return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+
+
+NodeExecutionRequest = _class("NodeExecutionRequest")
+NodeExecutionResponse = _class("NodeExecutionResponse")
+AliasExecutionRequest = _class("AliasExecutionRequest")
+AliasExecutionResponse = _class("AliasExecutionResponse")
+NodeExecutionErrorDetails = _class("NodeExecutionErrorDetails")
