@@ -52,3 +52,12 @@ def test_a_cross_setting_error_never_prints_the_master_key(tmp_path: Path, monke
     with pytest.raises(ConfigError) as caught:
         load_settings(host="0.0.0.0", data_dir=tmp_path)
     assert "c2VjcmV0" not in str(caught.value)
+
+
+def test_grpc_port(tmp_path: Path) -> None:
+    assert load_settings(data_dir=tmp_path).grpc_port is None  # no gRPC unless asked
+    assert load_settings(data_dir=tmp_path, grpc_port="0").grpc_port == 0
+    with pytest.raises(ConfigError, match=r"grpc_port .* is 9000, the same as the HTTP port"):
+        load_settings(data_dir=tmp_path, port=9000, grpc_port=9000)
+    with pytest.raises(ConfigError, match=r"grpc_port \(CELLNODE_GRPC_PORT\) has value 'fast'"):
+        load_settings(data_dir=tmp_path, grpc_port="fast")

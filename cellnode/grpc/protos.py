@@ -8,6 +8,7 @@ cellnode unchanged. `cellnode/grpc/proto/` holds the same files as text, rendere
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
@@ -75,6 +76,51 @@ for _file in (struct_file(), service_file(), details_file()):
     POOL.Add(_file)
 
 
+# The reference's comments, kept in the text files.
+COMMENTS = {
+    f"{PACKAGE}.NodeService": "A cell node's API, as the reference defines it; cellnode serves it at the gRPC port.",
+    f"{PACKAGE}.NodeService.Execute": "Executes deployed Node.",
+    f"{PACKAGE}.NodeService.ExecuteAlias": "Executes NodeAlias requests.",
+    f"{PACKAGE}.NodeExecutionRequest.folder_id": "ID of the folder that will be matched with Node ACL.",
+    f"{PACKAGE}.NodeExecutionRequest.node_id": "ID of the Node to perform request on.",
+    f"{PACKAGE}.NodeExecutionRequest.input": "Input data for the execution.",
+    f"{PACKAGE}.NodeExecutionResponse.output": "Result of the execution.",
+    f"{PACKAGE}.AliasExecutionRequest.folder_id": "ID of the folder that will be matched with Alias ACL.",
+    f"{PACKAGE}.AliasExecutionRequest.alias_name": "Name of the Alias to perform request on.",
+    f"{PACKAGE}.AliasExecutionRequest.input": "Input data for the execution.",
+    f"{PACKAGE}.AliasExecutionResponse.output": "Result of the execution.",
+    f"{PACKAGE}.NodeExecutionErrorDetails": "User code python execution's error details.",
+    f"{PACKAGE}.NodeExecutionErrorDetails.error_name": "Python exception name.",
+    f"{PACKAGE}.NodeExecutionErrorDetails.error_message": "Python exception message.",
+    f"{PACKAGE}.NodeExecutionErrorDetails.traceback": "Python exception traceback.",
+}
+# Where the text files live in the package (and in the repository).
+PROTO_DIR = Path(__file__).parent / "proto"
+
+
+def proto_texts() -> dict[str, str]:
+    """The reference's two .proto files as text, rendered from the descriptors: file name -> text."""
+    from cellnode.grpc.render import render_proto
+
+    return {
+        file.name: render_proto(file, {k: v for k, v in COMMENTS.items() if _in(file, k)})
+        for file in (service_file(), details_file())
+    }
+
+
+def _in(file: descriptor_pb2.FileDescriptorProto, name: str) -> bool:
+    top = name.removeprefix(f"{PACKAGE}.").split(".")[0]
+    return any(m.name == top for m in file.message_type) or any(s.name == top for s in file.service)
+
+
+def write_proto_files() -> None:
+    """Write `proto_texts()` under PROTO_DIR: `python -m cellnode.grpc.protos` after changing a descriptor."""
+    for name, text in proto_texts().items():
+        path = PROTO_DIR / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def _class(name: str) -> Any:
     return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"{PACKAGE}.{name}"))
 
@@ -84,3 +130,7 @@ NodeExecutionResponse = _class("NodeExecutionResponse")
 AliasExecutionRequest = _class("AliasExecutionRequest")
 AliasExecutionResponse = _class("AliasExecutionResponse")
 NodeExecutionErrorDetails = _class("NodeExecutionErrorDetails")
+
+
+if __name__ == "__main__":
+    write_proto_files()

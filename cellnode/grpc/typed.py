@@ -219,7 +219,9 @@ class TypedNode:
             f"{package}.Node.Execute": "Runs the cell once with the inputs and answers its outputs.",
             f"{package}.Input": "The input variables of the node; a field left unset is a missing input.",
             f"{package}.Output": "The output variables of the node.",
-            f"{package}.ExecuteRequest.folder_id": "The folder the node is in, as in NodeService's requests.",
+            f"{package}.ExecuteRequest.folder_id": (
+                "The calling folder, matched with the node's ACL (as in NodeService); or send x-folder-id metadata."
+            ),
         }
         for kind, variables in (("Input", self.inputs), ("Output", self.outputs)):
             for name, declared in variables.items():
