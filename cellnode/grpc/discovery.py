@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from cellnode.exceptions import APIError, NotFound
 from cellnode.grpc import protos
+from cellnode.grpc.rpc import Rpc, abort
+from cellnode.grpc.typed import TypedServiceError, node_id_of_service, node_id_of_symbol
 from cellnode.iam.credentials import Caller
 from cellnode.router.table import NodeRoute
 
@@ -120,8 +122,6 @@ class Discovery:
     # --- who may see what ---
 
     async def _caller(self, context: Any) -> Caller:
-        from cellnode.grpc.front import Rpc, abort
-
         rpc = Rpc(context)
         try:
             caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
@@ -172,8 +172,6 @@ class Discovery:
             yield response
 
     def _typed_services(self, caller: Caller) -> list[str]:
-        from cellnode.grpc.typed import TypedServiceError
-
         names = []
         for route in self._visible(caller):
             try:
@@ -183,8 +181,6 @@ class Discovery:
         return sorted(names)
 
     def _file_of_symbol(self, caller: Caller, symbol: str) -> tuple[descriptor_pool.DescriptorPool, str]:
-        from cellnode.grpc.typed import node_id_of_symbol
-
         if symbol.startswith(FIXED_PACKAGES):
             try:
                 return FIXED, FIXED.FindFileContainingSymbol(symbol).name
@@ -200,8 +196,6 @@ class Discovery:
         raise NotFound(f"Symbol {symbol!r} is not known to this server, or not to you.")
 
     def _file_by_name(self, caller: Caller, name: str) -> tuple[descriptor_pool.DescriptorPool, str]:
-        from cellnode.grpc.typed import node_id_of_symbol
-
         try:
             return FIXED, FIXED.FindFileByName(name).name
         except KeyError:
@@ -221,8 +215,6 @@ class Discovery:
         """The status of a service by name, None for one unknown (or not the caller's to know)."""
         if service in PUBLIC_HEALTH:
             return _SERVING
-        from cellnode.grpc.typed import node_id_of_service
-
         assert caller is not None
         route = self._node(caller, node_id_of_service(service) or service)
         if route is None:

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
-from google.protobuf import any_pb2, message
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import message
 
 from cellnode.api.calls import Call, run_alias, run_node
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import (
-    ERROR_INFO_TYPE,
-    EXECUTION_ERROR_TYPE,
     APIError,
     InternalError,
     InvalidArgument,
@@ -36,39 +32,22 @@ from cellnode.exceptions import (
     TooManyRequests,
 )
 from cellnode.grpc import protos
+from cellnode.grpc.discovery import Discovery
+from cellnode.grpc.rpc import CODES, Rpc, abort
+from cellnode.grpc.typed import TypedNode, TypedServiceError, node_id_of_service
 from cellnode.grpc.values import struct_to_json
 from cellnode.iam.audit import DENIED
 from cellnode.iam.credentials import Caller
 
 if TYPE_CHECKING:
     from cellnode.api.deps import Services
-    from cellnode.grpc.typed import TypedNode
 
 logger = logging.getLogger("cellnode.grpc")
 
 ROUTE_KEY = "x-cellnode-route-key"
 # The transport refuses messages past this itself (with its own wording); up to it, ours names the 16 MB limit.
 TRANSPORT_LIMIT = 2 * MAX_MESSAGE_BYTES
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 Behavior = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
-
-
-class Rpc:
-    """What one RPC carries besides its message: metadata, the caller once known, and what the metrics need."""
-
-    __slots__ = ("metadata", "client", "request_id", "caller", "call", "folder_id", "named")
-
-    def __init__(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-        self.metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            if isinstance(value, str):
-                self.metadata.setdefault(key, value)
-        self.client = client_of(context.peer())
-        self.request_id = os.urandom(8).hex()
-        self.caller: Caller | None = None
-        self.call: Call | None = None
-        self.folder_id: Any = None
-        self.named: tuple[str, str] | None = None  # ("node" or "alias", as the request named it)
 
 
 class GrpcFront:
@@ -83,8 +62,6 @@ class GrpcFront:
             protos.EXECUTE: self._unary(self._execute, protos.EXECUTE),
             protos.EXECUTE_ALIAS: self._unary(self._execute_alias, protos.EXECUTE_ALIAS),
         }
-        from cellnode.grpc.discovery import Discovery
-
         self.discovery = Discovery(self)
         self._methods.update(self.discovery.handlers())
 
@@ -115,8 +92,6 @@ class GrpcFront:
         handler = self._methods.get(method)
         if handler is not None:
             return handler
-        from cellnode.grpc.typed import node_id_of_service
-
         service, _, name = method[1:].rpartition("/")
         node_id = node_id_of_service(service)
         if node_id is None or name != "Execute":
@@ -125,9 +100,10 @@ class GrpcFront:
 
     def typed(self, node_id: str) -> TypedNode:
         """The typed service of a node as it is now; rebuilt when its variables change. NotFound for no node."""
-        from cellnode.grpc.typed import TypedNode, TypedServiceError
-
-        route = self.svc.table.get(node_id)
+        route = self.svc.table.find(node_id)
+        if route is None:
+            self._typed.pop(node_id, None)
+            route = self.svc.table.get(node_id)  # NotFound, naming the node
         key = (route.name, route.inputs, route.outputs)
         cached = self._typed.get(node_id)
         if cached is not None and cached[0] == key:
@@ -179,7 +155,7 @@ class GrpcFront:
         except Exception:
             logger.exception("Unexpected error on %s", method)
             error = InternalError("Internal error; the server log has the details.")
-        code = grpc.StatusCode.OK if error is None else _CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN)
+        code = grpc.StatusCode.OK if error is None else CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN)
         self._observe(method, rpc, code.name, started)
         trailer: list[tuple[str, str | bytes]] = [("x-request-id", rpc.request_id)]
         if rpc.call is not None and rpc.call.alias is not None and rpc.call.node_id is not None:
@@ -312,55 +288,3 @@ def _target(in_message: str, in_metadata: str | None, field: str, header: str) -
             "or make the two agree."
         )
     return in_message or in_metadata or ""
-
-
-def client_of(peer: str | None) -> str:
-    """The client's address from a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`); empty if unknown."""
-    if not peer:
-        return ""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    return ""
-
-
-async def abort(
-    context: Any, error: APIError, request_id: str, trailer: list[tuple[str, str | bytes]] | None = None
-) -> NoReturn:
-    """End the RPC with the error's code and message, and its `google.rpc.Status` in `grpc-status-details-bin`."""
-    metadata = [
-        ("x-request-id", request_id),
-        *(trailer or []),
-        ("grpc-status-details-bin", status_of(error).SerializeToString()),
-    ]
-    await context.abort(_CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN), error.message, tuple(metadata))
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def status_of(error: APIError) -> status_pb2.Status:
-    """The `google.rpc.Status` of an error, its details packed: ErrorInfo (which names our error class, as the REST
-    body does), NodeExecutionErrorDetails when the cell raised, and RetryInfo when the caller should wait."""
-    status = status_pb2.Status(code=error.grpc_code, message=error.message)
-    for detail in error.to_status()["details"]:
-        kind = detail.get("@type")
-        packed = any_pb2.Any()
-        if kind == ERROR_INFO_TYPE:
-            packed.Pack(error_details_pb2.ErrorInfo(reason=detail["reason"], domain=detail["domain"]))
-        elif kind == EXECUTION_ERROR_TYPE:
-            packed.Pack(
-                protos.NodeExecutionErrorDetails(
-                    error_name=detail.get("error_name", ""),
-                    error_message=detail.get("error_message", ""),
-                    traceback=detail.get("traceback", []),
-                )
-            )
-        else:
-            continue  # a detail of the REST body only (a capture's failure); the message says it too
-        status.details.append(packed)
-    if isinstance(error, TooManyRequests):
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay={"seconds": error.retry_after}))
-        status.details.append(packed)
-    return status
