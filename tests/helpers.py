@@ -6,6 +6,7 @@ import ctypes
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,9 +31,17 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """`cellnode serve --port 0` in a subprocess; `start()` returns once /health answers."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         self.data_dir = data_dir
         self.args = args
+        self.verify = verify  # for /health, when the server speaks TLS
         self.grpc_address = ""  # host:port, with --grpc-port
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CELLNODE_")}
         self.env = {**clean, **(env or {})}
@@ -62,7 +71,7 @@ class ServerProcess:
             if match:
                 self.url = match.group(1)
                 try:
-                    if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                         grpc_line = GRPC_LINE.search("".join(self.output))
                         self.grpc_address = grpc_line.group(1) if grpc_line else ""
                         return self

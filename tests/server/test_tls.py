@@ -100,3 +100,35 @@ def test_plain_http_beyond_loopback_is_refused_before_listening(tmp_path: Path) 
     assert "is not a loopback address" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists(), "nothing was started"
+
+
+def test_grpc_with_the_same_certificate(tmp_path: Path) -> None:
+    """With --tls-cert, the gRPC port speaks TLS with the HTTP front's certificate, and plain gRPC gets nothing."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.helpers import ServerProcess
+
+    cert, key = self_signed(tmp_path)
+    server = ServerProcess(
+        tmp_path / "data",
+        env={"CELLNODE_PROFILE": "none"},
+        args=("--tls-cert", str(cert), "--tls-key", str(key), "--grpc-port", "0"),
+        verify=ssl.create_default_context(cafile=str(cert)),
+    )
+    server.start()
+    try:
+        assert server.url.startswith("https://") and server.grpc_address
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(server.grpc_address, credentials) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+                plain_served = True
+            except grpc.RpcError:
+                plain_served = False
+        assert not plain_served, "plain gRPC is not served on a TLS port"
+    finally:
+        server.stop()
