@@ -212,14 +212,22 @@ def test_invalid_argument_names_the_variable(setup: Setup) -> None:
 
 
 def test_unauthenticated(setup: Setup) -> None:
+    """Every unary method but the server's own health needs a credential."""
+    methods = (
+        f"/{EXECUTE}",
+        f"/{EXECUTE_ALIAS}",
+        f"/cellnode.nodes.n{setup.nodes['boom']}.Node/Execute",
+        "/grpc.health.v1.Health/List",
+    )
     for authorization in (None, "Bearer t1.not-a-token"):
         client = ReflectionClient(setup.server.grpc_address, None)
         metadata = () if authorization is None else (("authorization", authorization),)
         try:
-            stub = client._channel.unary_unary(f"/{EXECUTE}")
-            with pytest.raises(grpc.RpcError) as refused:
-                stub(b"", metadata=metadata, timeout=10)
-            assert code_of(refused) == grpc.StatusCode.UNAUTHENTICATED
+            for method in methods:
+                stub = client._channel.unary_unary(method)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub(b"", metadata=metadata, timeout=10)
+                assert code_of(refused) == grpc.StatusCode.UNAUTHENTICATED, method
             # Reflection needs a credential too.
             with pytest.raises(grpc.RpcError) as hidden:
                 client.services()
