@@ -10,6 +10,7 @@ import uvicorn
 
 from cellnode._version import __version__
 from cellnode.config import Settings
+from cellnode.exceptions import ConfigError
 from cellnode.server.app import build_app, write_profile
 
 
@@ -17,12 +18,20 @@ def _announce(message: str) -> None:
     print(message, flush=True)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket first, so that the URL (and a port picked with 0) is known before start-up."""
+def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """Bind the listening socket first, so that the URL (and a port picked with 0) is known before start-up.
+    ConfigError, naming the flag, when the address is taken or not this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"Cannot listen on {host}:{port} ({flag}): {exc.strerror}. Another process may hold the port; give "
+            f"another with {flag}, or 0 to pick a free one."
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -32,6 +41,9 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = bind(settings.host, settings.port)
+    if settings.grpc_port:
+        # Only a probe: grpc binds its own socket at start-up, but a taken port is better told now, in one line.
+        bind(settings.host, settings.grpc_port, "--grpc-port").close()
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"

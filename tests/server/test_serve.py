@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -102,6 +103,25 @@ def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "CELLNODE_PORT" in result.stderr and "eighty" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_a_taken_port_is_one_clear_line(flag: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ["--port", port] if flag == "--port" else ["--port", "0", "--grpc-port", port]
+        result = subprocess.run(
+            [sys.executable, "-m", "cellnode", "serve", "--data-dir", str(tmp_path), *args],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("CELLNODE_")}, "CELLNODE_PROFILE": "none"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port} ({flag}): Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_instances_exit_when_the_server_is_killed(tmp_path: Path, request: pytest.FixtureRequest) -> None:
