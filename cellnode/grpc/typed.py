@@ -331,13 +331,7 @@ def _write_struct(message: Any, name: str, value: Any) -> None:
 
 
 def _write_value(message: Any, name: str, value: Any) -> None:
-    field = getattr(message, name)
-    json_to_value(value, field)
-    # json_to_value leaves the kind of an empty dict or list unset, which reads back as null.
-    if type(value) is dict:
-        field.struct_value.SetInParent()
-    elif type(value) is list:
-        field.list_value.SetInParent()
+    json_to_value(value, getattr(message, name))
 
 
 _WRITERS: dict[str, Callable[[Any, str, Any], None]] = {
