@@ -5,6 +5,7 @@ CellnodeError
  ├ ConfigError                  # a bad or missing setting; names the key and the environment variable
  ├ TransportError               # the SDK could not reach the server (wraps httpx)
  ├ CorruptBlobError             # a checkpoint blob does not match its sha256
+ ├ TypedServiceError(ValueError)  # a node's variables cannot be typed gRPC fields (it still serves by NodeService)
  └ APIError(message, details)   # an error the API returns; rebuilt by the SDK from the JSON body
     ├ InvalidArgument           # 400  INVALID_ARGUMENT
     │  └ CellFailedError        # 400  a notebook cell raised while a checkpoint was captured
@@ -48,6 +49,10 @@ class ConfigError(CellnodeError):
 
 class TransportError(CellnodeError):
     """The SDK could not talk to the server (connection refused, timed out, broken)."""
+
+
+class TypedServiceError(CellnodeError, ValueError):
+    """A node's variables cannot be fields of a typed gRPC service; the node still serves through NodeService."""
 
 
 class CorruptBlobError(CellnodeError):

@@ -33,6 +33,8 @@ from cellnode.router.instance import NotStarted
 from cellnode.router.table import NodeRoute, RoutingTable
 from cellnode.runtime.variables import check_input, type_name
 
+# The header (gRPC: metadata) whose value routes an alias call to the same node every time.
+ROUTE_KEY = "x-cellnode-route-key"
 # How many instances a request may try when the ones it was given died before it reached them.
 MAX_ATTEMPTS = 3
 # How many of an alias's nodes a request may try when the one it picked had no instance left to take it.
@@ -51,6 +53,7 @@ class Call:
     payload: bytes | None = None  # the inputs as JSON, when the front has them already
     route_key: str | None = None  # an alias call's sticky-routing key
     deadline: float | None = None  # loop time by which the caller stops waiting (a gRPC deadline)
+    doubles: bool = False  # numbers came as doubles (a Struct): a float variable gets a float, not a whole int
     alias: str | None = None
     node_id: str | None = None
 
@@ -61,7 +64,7 @@ async def run_node(svc: Services, call: Call, node_id: str) -> bytes:
     call.node_id = route.node_id
     check_folder(route.acl, call.folder_id, f"node {route.node_id!r}")
     await check_caller(svc, call.caller, call.folder_id, f"node {route.node_id!r}")
-    check_inputs(route, call.inputs)
+    check_inputs(route, call.inputs, call.doubles)
     if call.payload is None:
         call.payload = orjson.dumps(call.inputs)
     return await dispatch(route, call.payload, call.request_id, call.deadline)
@@ -76,21 +79,25 @@ async def run_alias(svc: Services, call: Call, name: str) -> bytes:
     if not alias.public:
         check_folder(alias.acl, call.folder_id, f"alias {alias.name!r}")
         await check_caller(svc, call.caller, call.folder_id, f"alias {alias.name!r}")
-    if call.payload is None:
-        call.payload = orjson.dumps(call.inputs)
-    payload = call.payload
     tried: set[str] = set()
     shadows = None
     started = time.perf_counter()
     while True:
         node_id = _choose(svc.table, alias, call.route_key, tried)
         route = svc.table.get(node_id)
-        check_inputs(route, call.inputs)
+        check_inputs(route, call.inputs, call.doubles)
+        if call.payload is None:
+            call.payload = orjson.dumps(call.inputs)
+        payload = call.payload
         if shadows is None:  # once per request, beside the first node it tries
             shadows = mirror(svc, alias, node_id, call.inputs, payload, call.request_id) if alias.mirrors else []
         call.node_id = node_id
         try:
             output = await dispatch(route, payload, call.request_id, call.deadline)
+        except asyncio.CancelledError:
+            # The caller left (a gRPC cancel): its mirrors are still compared, but a node is not blamed for it.
+            settle_shadows(svc, alias, node_id, shadows, started, None, 499, call.request_id)
+            raise
         except NotStarted as exc:
             # No instance of the node could take it, and nothing ran: another node may, while there is one.
             call.node_id = None
@@ -208,7 +215,9 @@ def check_folder(acl: frozenset[str], folder_id: Any, what: str) -> None:
         )
 
 
-def check_inputs(route: NodeRoute, inputs: dict[str, Any]) -> None:
+def check_inputs(route: NodeRoute, inputs: dict[str, Any], doubles: bool = False) -> None:
+    """InvalidArgument for an unknown, missing or mistyped input. With `doubles` (the inputs came in a Struct, which
+    holds every number as a double), a float variable's whole number is made a float again."""
     declared = route.inputs
     for name, value in inputs.items():
         kind = declared.get(name)
@@ -218,6 +227,8 @@ def check_inputs(route: NodeRoute, inputs: dict[str, Any]) -> None:
             check_input(name, kind, value)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if doubles and kind == "float" and type(value) is int:
+            inputs[name] = float(value)
     if len(inputs) != len(declared):
         missing = [name for name in declared if name not in inputs]
         raise InvalidArgument(

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from cellnode.api.audit import record_refused
-from cellnode.api.calls import Call, run_alias, run_node
+from cellnode.api.calls import ROUTE_KEY, Call, run_alias, run_node
 from cellnode.api.deps import Services, client_of
 from cellnode.api.errors import error_response
 from cellnode.config import MAX_MESSAGE_BYTES
@@ -37,7 +37,6 @@ from cellnode.runtime.variables import type_name
 
 NODE_PREFIX = "/datasphere/v1/nodes/"
 ALIAS_PREFIX = "/datasphere/v1/aliases/"
-ROUTE_KEY = "x-cellnode-route-key"
 MANAGEMENT_PREFIX = "/cellnode/v1/"
 # The scope key of the request's ID: sent to the instance for its log lines, and back as `x-request-id`.
 REQUEST_ID = "cellnode.request_id"
@@ -50,7 +49,6 @@ CALL = "cellnode.call"
 MAX_MANAGEMENT_BYTES = 64 * 1024 * 1024
 EXECUTE_SUFFIX = ":execute"
 logger = logging.getLogger("cellnode.api")
-alias_logger = logging.getLogger("cellnode.alias")
 
 
 async def execute_node(request: Request) -> Response:

@@ -253,7 +253,8 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
 @router.get("/{ref}/proto")
 def get_node_proto(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str | None = None) -> NodeProto:
     """The .proto file of the node's typed gRPC service (one field per variable), for generating a client."""
-    from cellnode.grpc.typed import TypedNode, TypedServiceError
+    from cellnode.exceptions import TypedServiceError
+    from cellnode.grpc.typed import TypedNode
 
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")

@@ -65,7 +65,8 @@ def serve(
         str | None,
         typer.Option(
             envvar="CELLNODE_GRPC_PORT",
-            help="Also serve gRPC on this port (NodeService, typed node services, reflection, health); 0 picks one.",
+            help="Also serve gRPC on this port (NodeService, typed node services, reflection, health); 0 picks one. "
+            "Default: no gRPC.",
         ),
     ] = None,
     data_dir: Annotated[

@@ -21,10 +21,10 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from cellnode.exceptions import APIError, NotFound
+from cellnode.exceptions import APIError, NotFound, TypedServiceError
 from cellnode.grpc import protos
 from cellnode.grpc.rpc import Rpc, abort
-from cellnode.grpc.typed import TypedServiceError, node_id_of_service, node_id_of_symbol
+from cellnode.grpc.typed import node_id_of_service, node_id_of_symbol
 from cellnode.iam.credentials import Caller
 from cellnode.router.table import NodeRoute
 
@@ -121,12 +121,16 @@ class Discovery:
 
     # --- who may see what ---
 
-    async def _caller(self, context: Any) -> Caller:
+    async def _caller(self, context: Any, action: str) -> Caller:
+        """The authenticated caller; a refusal ends the RPC and is written to the audit log as `action`."""
         rpc = Rpc(context)
         try:
             caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
             await self.svc.access.refresh_async()
         except APIError as exc:
+            self.svc.audit.record(
+                action=action, code=exc.status_code, client=rpc.client, request_id=rpc.request_id, result="denied"
+            )
             await abort(context, exc, rpc.request_id)
         return caller
 
@@ -145,7 +149,7 @@ class Discovery:
     async def _reflect(
         self, requests: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        caller = await self._caller(context)
+        caller = await self._caller(context, "grpc.reflection")
         async for request in requests:
             response = reflection_pb2.ServerReflectionResponse(valid_host=request.host, original_request=request)
             kind = request.WhichOneof("message_request")
@@ -214,7 +218,7 @@ class Discovery:
     def _status(self, caller: Caller | None, service: str) -> int | None:
         """The status of a service by name, None for one unknown (or not the caller's to know)."""
         if service in PUBLIC_HEALTH:
-            return _SERVING
+            return _NOT_SERVING if self._closing.is_set() else _SERVING
         assert caller is not None
         route = self._node(caller, node_id_of_service(service) or service)
         if route is None:
@@ -222,21 +226,23 @@ class Discovery:
         return _SERVING if route.is_serving else _NOT_SERVING
 
     async def _check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
-        caller = None if request.service in PUBLIC_HEALTH else await self._caller(context)
+        caller = None if request.service in PUBLIC_HEALTH else await self._caller(context, "grpc.health")
         status = self._status(caller, request.service)
         if status is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"No service {request.service!r}: ask for '', {protos.SERVICE!r}, a node's ID or its typed service.",
+            error = NotFound(
+                f"No service {request.service!r}: ask for '', {protos.SERVICE!r}, a node's ID or its typed service."
             )
+            await abort(context, error, Rpc(context).request_id)
         return health_pb2.HealthCheckResponse(status=status)
 
     async def _watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        caller = None if request.service in PUBLIC_HEALTH else await self._caller(context)
+        caller = None if request.service in PUBLIC_HEALTH else await self._caller(context, "grpc.health")
         sent = None
         while not self._closing.is_set():
+            if caller is not None:
+                await self.svc.access.refresh_async()  # a role taken away meanwhile hides the node
             status = self._status(caller, request.service)
             status = _UNKNOWN if status is None else status
             if status != sent:
@@ -246,12 +252,14 @@ class Discovery:
                 await asyncio.wait_for(self._closing.wait(), WATCH_INTERVAL)
             except TimeoutError:
                 pass
+        if sent != _NOT_SERVING:
+            yield health_pb2.HealthCheckResponse(status=_NOT_SERVING)  # the server is stopping
 
     async def _list(self, request: Any, context: Any) -> Any:
         response = _health.HealthListResponse()
         for service in PUBLIC_HEALTH:
-            response.statuses[service].status = _SERVING
-        caller = await self._caller(context)
+            response.statuses[service].status = self._status(None, service)
+        caller = await self._caller(context, "grpc.health")
         for route in self._visible(caller):
             status = _SERVING if route.is_serving else _NOT_SERVING
             response.statuses[route.node_id].status = status

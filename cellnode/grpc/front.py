@@ -21,7 +21,7 @@ import grpc
 import orjson
 from google.protobuf import message
 
-from cellnode.api.calls import Call, run_alias, run_node
+from cellnode.api.calls import ROUTE_KEY, Call, check_caller, check_folder, run_alias, run_node
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import (
     APIError,
@@ -30,21 +30,22 @@ from cellnode.exceptions import (
     NotFound,
     PayloadTooLarge,
     TooManyRequests,
+    TypedServiceError,
 )
 from cellnode.grpc import protos
 from cellnode.grpc.discovery import Discovery
 from cellnode.grpc.rpc import CODES, Rpc, abort
-from cellnode.grpc.typed import TypedNode, TypedServiceError, node_id_of_service
+from cellnode.grpc.typed import TypedNode, node_id_of_service, signature_of
 from cellnode.grpc.values import struct_to_json
 from cellnode.iam.audit import DENIED
-from cellnode.iam.credentials import Caller
 
 if TYPE_CHECKING:
     from cellnode.api.deps import Services
 
 logger = logging.getLogger("cellnode.grpc")
 
-ROUTE_KEY = "x-cellnode-route-key"
+# Seconds before a client's deadline at which the node's own deadline falls (at most a tenth of the time left).
+DEADLINE_MARGIN = 0.05
 # The transport refuses messages past this itself (with its own wording); up to it, ours names the 16 MB limit.
 TRANSPORT_LIMIT = 2 * MAX_MESSAGE_BYTES
 Behavior = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
@@ -99,12 +100,13 @@ class GrpcFront:
         return self._unary(lambda raw, context, rpc: self._execute_typed(node_id, raw, context, rpc), method)
 
     def typed(self, node_id: str) -> TypedNode:
-        """The typed service of a node as it is now; rebuilt when its variables change. NotFound for no node."""
+        """The typed service of a node as it is now; rebuilt when its variables change (names, types or order).
+        NotFound for no node, or for one whose variables cannot be typed fields."""
         route = self.svc.table.find(node_id)
         if route is None:
             self._typed.pop(node_id, None)
             route = self.svc.table.get(node_id)  # NotFound, naming the node
-        key = (route.name, route.inputs, route.outputs)
+        key = (route.name, signature_of(route.inputs, route.outputs))
         cached = self._typed.get(node_id)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -130,12 +132,14 @@ class GrpcFront:
         raw: bytes,
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> bytes:
-        """Run one execute RPC: count it, audit it when denied, and turn an APIError into its status."""
+        """Run one execute RPC: authenticate it, count it, audit it when denied, and turn an APIError into its
+        status. The behavior finds the caller in `rpc.caller`."""
         started = time.perf_counter()
         rpc = Rpc(context)
         error: APIError | None = None
         answer = b""
         try:
+            rpc.caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
             if len(raw) > MAX_MESSAGE_BYTES:
                 raise PayloadTooLarge(
                     f"The request message is {len(raw)} bytes, over the 16 MB limit ({MAX_MESSAGE_BYTES} bytes); "
@@ -150,7 +154,9 @@ class GrpcFront:
         except APIError as exc:
             error = exc
         except asyncio.CancelledError:
-            self._observe(method, rpc, "CANCELLED", started)
+            remaining = context.time_remaining()
+            passed = remaining is not None and remaining <= 0
+            self._observe(method, rpc, "DEADLINE_EXCEEDED" if passed else "CANCELLED", started)
             raise
         except Exception:
             logger.exception("Unexpected error on %s", method)
@@ -167,21 +173,27 @@ class GrpcFront:
             self._audit_denied(rpc, error.status_code)
         await abort(context, error, rpc.request_id, trailer[1:])
 
-    async def _authenticate(self, rpc: Rpc) -> Caller:
-        rpc.caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
-        return rpc.caller
-
-    def _new_call(self, rpc: Rpc, caller: Caller, folder_id: str, inputs: dict[str, Any], context: Any) -> Call:
+    def _new_call(self, rpc: Rpc, folder_id: str, inputs: dict[str, Any], context: Any, *, doubles: bool) -> Call:
+        assert rpc.caller is not None
         remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        deadline = None
+        if remaining is not None:
+            # A little before the client's deadline, so that the node's answer (DEADLINE_EXCEEDED, the cell
+            # interrupted) is what the client gets, rather than gRPC cancelling the call under it.
+            deadline = asyncio.get_running_loop().time() + remaining - min(DEADLINE_MARGIN, remaining / 10)
         rpc.folder_id = folder_id = folder_id or rpc.metadata.get("x-folder-id", "")
         rpc.call = Call(
-            caller, folder_id, inputs, rpc.request_id, route_key=rpc.metadata.get(ROUTE_KEY), deadline=deadline
+            rpc.caller,
+            folder_id,
+            inputs,
+            rpc.request_id,
+            route_key=rpc.metadata.get(ROUTE_KEY),
+            deadline=deadline,
+            doubles=doubles,
         )
         return rpc.call
 
     async def _execute(self, raw: bytes, context: Any, rpc: Rpc) -> bytes:
-        caller = await self._authenticate(rpc)
         request = _parse(protos.NodeExecutionRequest, raw)
         node_id = _target(request.node_id, rpc.metadata.get("x-node-id"), "node_id", "x-node-id")
         alias_name = rpc.metadata.get("x-node-alias")
@@ -194,21 +206,14 @@ class GrpcFront:
                 "The request names no node: set 'node_id' in the message (or the 'x-node-id' metadata), or call "
                 "ExecuteAlias with 'alias_name' (or send 'x-node-alias' metadata)."
             )
-        call = self._new_call(rpc, caller, request.folder_id, struct_to_json(request.input), context)
+        call = self._new_call(rpc, request.folder_id, struct_to_json(request.input), context, doubles=True)
         if alias_name:
             rpc.named = ("alias", alias_name)
-            output = await run_alias(self.svc, call, alias_name)
-        else:
-            rpc.named = ("node", node_id)
-            output = await run_node(self.svc, call, node_id)
-        response = protos.NodeExecutionResponse()
-        response.output.SetInParent()  # a node without outputs still answers an (empty) output
-        response.output.update(orjson.loads(output))
-        answer: bytes = response.SerializeToString()
-        return answer
+            return _struct_answer(protos.NodeExecutionResponse, await run_alias(self.svc, call, alias_name))
+        rpc.named = ("node", node_id)
+        return _struct_answer(protos.NodeExecutionResponse, await run_node(self.svc, call, node_id))
 
     async def _execute_alias(self, raw: bytes, context: Any, rpc: Rpc) -> bytes:
-        caller = await self._authenticate(rpc)
         request = _parse(protos.AliasExecutionRequest, raw)
         alias_name = _target(request.alias_name, rpc.metadata.get("x-node-alias"), "alias_name", "x-node-alias")
         if not alias_name:
@@ -217,20 +222,21 @@ class GrpcFront:
                 "message, or send 'x-node-alias' metadata."
             )
         rpc.named = ("alias", alias_name)
-        call = self._new_call(rpc, caller, request.folder_id, struct_to_json(request.input), context)
-        output = await run_alias(self.svc, call, alias_name)
-        response = protos.AliasExecutionResponse()
-        response.output.SetInParent()  # a node without outputs still answers an (empty) output
-        response.output.update(orjson.loads(output))
-        answer: bytes = response.SerializeToString()
-        return answer
+        call = self._new_call(rpc, request.folder_id, struct_to_json(request.input), context, doubles=True)
+        return _struct_answer(protos.AliasExecutionResponse, await run_alias(self.svc, call, alias_name))
 
     async def _execute_typed(self, node_id: str, raw: bytes, context: Any, rpc: Rpc) -> bytes:
-        caller = await self._authenticate(rpc)
+        assert rpc.caller is not None
         rpc.named = ("node", node_id)
+        # The folder and the caller are checked before anything of the node's variables is read or told.
+        route = self.svc.table.get(node_id)
+        folder_id = _parse(protos.FolderOnly, raw).folder_id or rpc.metadata.get("x-folder-id", "")
+        rpc.folder_id = folder_id
+        check_folder(route.acl, folder_id, f"node {route.node_id!r}")
+        await check_caller(self.svc, rpc.caller, folder_id, f"node {route.node_id!r}")
         typed = self.typed(node_id)
         folder_id, inputs = typed.decode(raw)
-        call = self._new_call(rpc, caller, folder_id, inputs, context)
+        call = self._new_call(rpc, folder_id, inputs, context, doubles=False)
         return typed.encode(await run_node(self.svc, call, node_id))
 
     def _observe(self, method: str, rpc: Rpc, code: str, started: float) -> None:
@@ -260,6 +266,15 @@ class GrpcFront:
             request_id=rpc.request_id,
             result="denied",
         )
+
+
+def _struct_answer(response_class: Any, output: bytes) -> bytes:
+    """A NodeService answer, its `output` Struct holding the JSON object of the outputs."""
+    response = response_class()
+    response.output.SetInParent()  # a node without outputs still answers an (empty) output
+    response.output.update(orjson.loads(output))
+    answer: bytes = response.SerializeToString()
+    return answer
 
 
 class _Handlers(grpc.GenericRpcHandler):

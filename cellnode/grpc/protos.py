@@ -71,8 +71,17 @@ def struct_file() -> descriptor_pb2.FileDescriptorProto:
     return file
 
 
+def folder_only_file() -> descriptor_pb2.FileDescriptorProto:
+    """A message of field 1 alone, the `folder_id` of every execute request (typed ones too): read first, so that
+    the caller's access is checked before anything else of the request is."""
+    file = descriptor_pb2.FileDescriptorProto(name="cellnode/grpc/folder_only.proto", package="cellnode.grpc")
+    file.syntax = "proto3"
+    _message(file, "FolderOnly", ("folder_id", 1, None))
+    return file
+
+
 POOL = descriptor_pool.DescriptorPool()
-for _file in (struct_file(), service_file(), details_file()):
+for _file in (struct_file(), service_file(), details_file(), folder_only_file()):
     POOL.Add(_file)
 
 
@@ -130,6 +139,7 @@ NodeExecutionResponse = _class("NodeExecutionResponse")
 AliasExecutionRequest = _class("AliasExecutionRequest")
 AliasExecutionResponse = _class("AliasExecutionResponse")
 NodeExecutionErrorDetails = _class("NodeExecutionErrorDetails")
+FolderOnly = message_factory.GetMessageClass(POOL.FindMessageTypeByName("cellnode.grpc.FolderOnly"))
 
 
 if __name__ == "__main__":

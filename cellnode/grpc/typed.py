@@ -22,6 +22,7 @@ encoding a call only reads and sets fields.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -30,15 +31,16 @@ from typing import Any
 import orjson
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
-from cellnode.exceptions import InvalidArgument, OutputError
+from cellnode.exceptions import InvalidArgument, OutputError, TypedServiceError
+from cellnode.grpc.protos import SERVICE, STRUCT_FILE
 from cellnode.grpc.render import json_name, render_proto, synthetic_oneof_names
 from cellnode.grpc.values import json_to_value, list_to_json, struct_to_json, value_to_json
 from cellnode.runtime.variables import type_name
 
 PACKAGE_PREFIX = "cellnode.nodes"
-NODE_SERVICE = "yandex.cloud.datasphere.v1.NodeService"
-STRUCT_FILE = "google/protobuf/struct.proto"
+NODE_SERVICE = SERVICE
 
 UNTYPABLE = (
     "{kind} variable {name!r} {reason}, so node {node_id!r} has no typed service ({service}); "
@@ -53,6 +55,10 @@ UNCARRIED = (
     f"call {NODE_SERVICE}/Execute, whose Struct output carries any JSON value (numbers as doubles)."
 )
 NOT_FINITE = "{path} is {value}, which JSON cannot carry; send a finite number."
+STALE = (
+    "The request's input sets field number {number}, which node {node_id!r} does not have: its variables changed "
+    "since the client's .proto was made. Get {file} again ('cellnode node proto {node_id}', or reflection)."
+)
 
 # (inputs, outputs) as tuples of (name, type): what a TypedNode was built from.
 Signature = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
@@ -74,10 +80,8 @@ _NODE_ID = re.compile(r"[a-z0-9]+")
 _SERVICE = re.compile(r"cellnode\.nodes\.n([a-z0-9]+)\.Node")
 _SYMBOL = re.compile(r"cellnode\.nodes\.n([a-z0-9]+)(?:\.[A-Za-z0-9_.]+)?")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class TypedServiceError(ValueError):
-    """A node's variables cannot be fields of a typed service; the node still serves through NodeService."""
+MAX_FIELD_NUMBER = 2**29 - 1
+RESERVED_NUMBERS = range(19000, 20000)  # protobuf's own
 
 
 def package_of(node_id: str) -> str:
@@ -115,8 +119,9 @@ def build_file(
     for kind, variables in (("Input", inputs), ("Output", outputs)):
         _check_names(kind, variables, node_id)
         message = file.message_type.add(name=kind)
-        for number, (name, declared) in enumerate(variables.items(), start=1):
-            field = message.field.add(name=name, number=number, label=_Field.LABEL_OPTIONAL)
+        numbers = _field_numbers(kind, variables, node_id)
+        for name, declared in variables.items():
+            field = message.field.add(name=name, number=numbers[name], label=_Field.LABEL_OPTIONAL)
             if declared in _SCALARS:
                 field.type = _SCALARS[declared]
                 field.proto3_optional = True
@@ -142,6 +147,33 @@ def build_file(
         name="Execute", input_type=f".{package}.ExecuteRequest", output_type=f".{package}.ExecuteResponse"
     )
     return file
+
+
+def field_number(name: str, declared: str) -> int:
+    """A variable's field number, from its name and type: a number never changes meaning when a node's variables
+    change (renamed, retyped, reordered, removed), so a client built from an older .proto is refused (an unknown
+    field) or still right (the same variable), never silently misread."""
+    digest = int.from_bytes(hashlib.blake2b(f"{name}:{declared}".encode(), digest_size=8).digest(), "big")
+    number = digest % (MAX_FIELD_NUMBER - len(RESERVED_NUMBERS)) + 1
+    return number + len(RESERVED_NUMBERS) if number >= RESERVED_NUMBERS.start else number
+
+
+def _field_numbers(kind: str, variables: Mapping[str, str], node_id: str) -> dict[str, int]:
+    numbers: dict[str, int] = {}
+    for name, declared in variables.items():
+        number = field_number(name, declared)
+        other = next((taken for taken, n in numbers.items() if n == number), None)
+        if other is not None:  # about one chance in 10^8 for a pair of names
+            reason = f"has the same field number ({number}) as {other!r}; rename one of the two"
+            raise TypedServiceError(
+                UNTYPABLE.format(kind=kind, name=name, reason=reason, node_id=node_id, service=_service(node_id))
+            )
+        numbers[name] = number
+    return numbers
+
+
+def _service(node_id: str) -> str:
+    return f"{package_of(node_id)}.Node"
 
 
 def _check_names(kind: str, variables: Mapping[str, str], node_id: str) -> None:
@@ -242,6 +274,11 @@ class TypedNode:
         except DecodeError as exc:
             message = f"{self.package}.ExecuteRequest"
             raise InvalidArgument(NOT_A_REQUEST.format(message=message, error=exc, file=self.file.name)) from exc
+        unknown = UnknownFieldSet(request.input)
+        if len(unknown):
+            raise InvalidArgument(
+                STALE.format(number=unknown[0].field_number, node_id=self.node_id, file=self.file.name)
+            )
         inputs: dict[str, Any] = {}
         for field, value in self._list_input_fields(request.input):
             name = field.name

@@ -111,8 +111,10 @@ class Instance:
                 try:
                     await asyncio.wait((answer,), timeout=deadline - asyncio.get_running_loop().time())
                 except asyncio.CancelledError:
-                    # The caller left; the cell still has to be stopped at the deadline, or it holds the instance.
-                    self._spawn(self._expire(answer, deadline))
+                    # The caller left (a gRPC cancel), so no one will read the answer: the cell is interrupted now,
+                    # and the instance counts as busy until it has stopped.
+                    self._outstanding += 1
+                    self._spawn(self._abandon(answer))
                     raise
                 if not answer.done():
                     raise await self._interrupt(answer)
@@ -179,10 +181,12 @@ class Instance:
         await self._die(reason)
         return DeadlineExceeded(self._timed_out(reason))
 
-    async def _expire(self, answer: asyncio.Future[Answer], deadline: float) -> None:
-        await asyncio.wait((answer,), timeout=deadline - asyncio.get_running_loop().time())
-        if not answer.done():
-            await self._interrupt(answer)
+    async def _abandon(self, answer: asyncio.Future[Answer]) -> None:
+        try:
+            if not answer.done():
+                await self._interrupt(answer)
+        finally:
+            self._outstanding -= 1
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)

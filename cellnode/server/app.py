@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cellnode.server")
 # Seconds the RPCs under way get to finish when the server stops.
-GRPC_GRACE = 5.0
+GRPC_GRACE = 10.0  # as uvicorn's timeout_graceful_shutdown for HTTP
 
 
 def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> execute.ExecuteFront:

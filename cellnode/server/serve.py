@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 
@@ -38,6 +39,9 @@ def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
 
 def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT; stop every instance on the way out."""
+    # grpcio's fork handlers are for processes that fork while gRPC calls run; ours fork only to exec an instance
+    # (or its zygote), and grpcio would log a warning about skipping them at each start. Before grpc is imported.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = bind(settings.host, settings.port)

@@ -18,11 +18,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from google.protobuf import message_factory
+from google.protobuf import json_format, message_factory
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellnode.client import Client
+from cellnode.grpc.typed import field_number
 from tests.grpc.reflection_client import ReflectionClient, rich_status
 from tests.helpers import ServerProcess, notebook
 
@@ -47,6 +48,15 @@ NODES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         {"inputs": {"s": "float"}, "outputs": {"done": "bool"}, "timeout": 2},
     ),
     "big": (("n = 0", "blob = 'a' * n"), {"inputs": {"n": "int"}, "outputs": {"blob": "str"}}),
+    "napper": (
+        ("import time\ns = 0.0", "time.sleep(s)\ndone = True"),
+        {"inputs": {"s": "float"}, "outputs": {"done": "bool"}, "timeout": 60},
+    ),
+    "kinds": (
+        ("y = 0.0\nd = {'n': 0}", "t = type(y).__name__\nu = type(d['n']).__name__"),
+        {"inputs": {"y": "float", "d": "dict"}, "outputs": {"t": "str", "u": "str"}},
+    ),
+    "pair": (("a = 0\nb = 0", "r = f'a={a},b={b}'"), {"inputs": {"a": "int", "b": "int"}, "outputs": {"r": "str"}}),
 }
 ECHO_INPUT = {
     "x": 21,
@@ -150,6 +160,29 @@ def test_whole_numbers_in_a_struct_reach_the_cell_as_ints(setup: Setup) -> None:
     # grpcurl sends {"x": 21} as the double 21.0; an int variable must still take it.
     output, _ = setup.execute("boom", {"x": 5})
     assert output == {"output": {"y": 2}}
+
+
+def test_a_float_variable_gets_a_float(setup: Setup) -> None:
+    # Over REST, 3.0 is a float; the Struct carries it as a double either way, and a float variable gets a float.
+    # Whole numbers inside a dict come as ints (see docs/grpc.md).
+    output, _ = setup.execute("kinds", {"y": 3.0, "d": {"n": 3}})
+    assert output == {"output": {"t": "float", "u": "int"}}
+
+
+def test_typed_service_follows_a_reordering_update(setup: Setup) -> None:
+    service = f"cellnode.nodes.n{setup.nodes['pair']}.Node/Execute"
+    before, _ = setup.client.method(service)  # as a client generated before the update would have it
+    request = {"folder_id": setup.folder, "input": {"a": 1, "b": 2}}
+    assert setup.client.call(service, request)[0] == {"output": {"r": "a=1,b=2"}}
+    setup.admin.update_node("pair", inputs={"b": "int", "a": "int"})
+    stub = setup.client.channel.unary_unary(f"/{service}", request_serializer=before.SerializeToString)
+    raw = stub(json_format.ParseDict(request, before()), timeout=30)
+    fresh = setup.reflect(f"Api-Key {setup.server.key}")
+    try:
+        _, response_class = fresh.method(service)
+    finally:
+        fresh.close()
+    assert json_format.MessageToDict(response_class.FromString(raw)) == {"output": {"r": "a=1,b=2"}}
 
 
 def test_header_form_in_metadata(setup: Setup) -> None:
@@ -258,11 +291,45 @@ def test_permission_denied_and_not_found(setup: Setup) -> None:
         assert not [name for name in theirs.services() if name.startswith("cellnode.nodes.")]
         with pytest.raises(KeyError):
             theirs.method(f"cellnode.nodes.n{setup.nodes['boom']}.Node/Execute")
+        # The typed service checks the folder and the caller before it reads, or tells, anything of the variables.
+        typed = f"/cellnode.nodes.n{setup.nodes['echo']}.Node/Execute"
+        stub = theirs._channel.unary_unary(typed)
+        stale_input = b"\x12\x03\xb8\x3e\x01"  # input {field 999: 1}: a variable the node does not have
+        for folder in (other, setup.folder):
+            with pytest.raises(grpc.RpcError) as typed_refused:
+                raw = b"\n\x14" + folder.encode() + stale_input
+                stub(raw, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            assert code_of(typed_refused) == grpc.StatusCode.PERMISSION_DENIED
+            assert "r_x" not in details_of(typed_refused) and "'x'" not in details_of(typed_refused)
+        # A private alias, likewise; denied alias calls are audited as such.
+        setup.admin.create_alias("grpc-private", nodes={"boom": 100})
+        try:
+            alias = {"folder_id": setup.folder, "alias_name": "datasphere.user.grpc-private", "input": {"x": 1}}
+            with pytest.raises(grpc.RpcError) as alias_refused:
+                theirs.call(EXECUTE_ALIAS, alias)
+            assert code_of(alias_refused) == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            setup.admin.delete_alias("grpc-private")
+        # Health tells the stranger nothing of the node, and lists none.
+        health = health_pb2_grpc.HealthStub(theirs._channel)
+        bearer = (("authorization", f"Bearer {token}"),)
+        with pytest.raises(grpc.RpcError) as hidden:
+            health.Check(health_pb2.HealthCheckRequest(service=setup.nodes["boom"]), metadata=bearer, timeout=10)
+        assert code_of(hidden) == grpc.StatusCode.NOT_FOUND
+        listed = health.List(health_pb2.HealthListRequest(), metadata=bearer, timeout=10)  # type: ignore[attr-defined]
+        assert set(listed.statuses) == {"", "yandex.cloud.datasphere.v1.NodeService"}
+        everything = health.List(  # type: ignore[attr-defined]
+            health_pb2.HealthListRequest(), metadata=(("authorization", f"Api-Key {setup.server.key}"),), timeout=10
+        )
+        assert set(setup.nodes.values()) <= set(everything.statuses)
         with pytest.raises(grpc.RpcError) as unknown:
             setup.client.call(EXECUTE, {**request, "folder_id": setup.folder, "node_id": "nosuchnode"})
         assert code_of(unknown) == grpc.StatusCode.NOT_FOUND and "nosuchnode" in details_of(unknown)
-        denied = [row for row in setup.admin.audit(setup.folder) if row["action"] == "nodes.execute"]
+        events = setup.admin.audit(setup.folder)
+        denied = [row for row in events if row["action"] == "nodes.execute"]
         assert any(row["code"] == 403 and row["resource"] == f"node/{setup.nodes['boom']}" for row in denied), denied
+        aliases = [row for row in events if row["action"] == "aliases.execute"]
+        assert any(row["code"] == 403 and row["resource"] == "alias/datasphere.user.grpc-private" for row in aliases)
     finally:
         theirs.close()
 
@@ -297,12 +364,34 @@ def test_deadlines(setup: Setup) -> None:
     # A shorter client deadline reaches the node: the cell is stopped then, so the next call finds it free.
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as client_deadline:
-        setup.execute("sleepy", {"s": 1.5}, timeout=0.5)
+        setup.execute("napper", {"s": 20.0}, timeout=0.5)
     assert code_of(client_deadline) == grpc.StatusCode.DEADLINE_EXCEEDED
-    output, _ = setup.execute("sleepy", {"s": 0.0}, timeout=30)
+    output, _ = setup.execute("napper", {"s": 0.0}, timeout=30)
     assert output == {"output": {"done": True}}
-    # Without the deadline reaching it, the instance would still sleep its 1.5 s before this call ran.
-    assert time.monotonic() - started < 1.4
+    # Without the deadline reaching it, the instance would still sleep its 20 s (its timeout is 60 s).
+    assert time.monotonic() - started < 10
+    # The server answered the deadline itself (a little before the client's), so it counts as such.
+    text = setup.metrics()
+    napper = setup.nodes["napper"]
+    assert f'node_grpc_codes_total{{code="DEADLINE_EXCEEDED",node_id="{napper}"' in text
+    assert f'node_grpc_codes_total{{code="CANCELLED",node_id="{napper}"' not in text
+
+
+def test_a_cancelled_call_frees_the_instance(setup: Setup) -> None:
+    request_class, response_class = setup.client.method(EXECUTE)
+    stub = setup.client.channel.unary_unary(
+        f"/{EXECUTE}",
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    request = {"folder_id": setup.folder, "node_id": setup.nodes["napper"], "input": {"s": 20.0}}
+    future = stub.future(json_format.ParseDict(request, request_class()))  # no deadline
+    time.sleep(0.5)
+    started = time.monotonic()
+    future.cancel()
+    output, _ = setup.execute("napper", {"s": 0.0}, timeout=30)
+    assert output == {"output": {"done": True}}
+    assert time.monotonic() - started < 10, "the abandoned cell was interrupted, not left to sleep its 20 s"
 
 
 def test_the_16_mb_limit_both_ways(setup: Setup) -> None:
@@ -379,7 +468,8 @@ def test_proto_download_builds_a_client(setup: Setup, tmp_path: Path) -> None:
     found = setup.admin.node_proto("echo")
     assert target.read_text() == found["proto"]
     assert found["service"] == f"cellnode.nodes.n{setup.nodes['echo']}.Node"
-    assert "optional int64 x = 1;" in found["proto"] and "google.protobuf.Struct opts = 6;" in found["proto"]
+    assert f"optional int64 x = {field_number('x', 'int')};" in found["proto"]
+    assert f"google.protobuf.Struct opts = {field_number('opts', 'dict')};" in found["proto"]
     # Compile it as a user would, and call the service with the generated message classes.
     out = tmp_path / "generated"
     out.mkdir()

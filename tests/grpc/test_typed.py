@@ -13,12 +13,12 @@ import orjson
 import pytest
 from google.protobuf import descriptor_pb2
 
-from cellnode.exceptions import InvalidArgument, OutputError
+from cellnode.exceptions import InvalidArgument, OutputError, TypedServiceError
 from cellnode.grpc.render import render_proto
 from cellnode.grpc.typed import (
     PACKAGE_PREFIX,
     TypedNode,
-    TypedServiceError,
+    field_number,
     node_id_of_service,
     node_id_of_symbol,
     package_of,
@@ -232,8 +232,8 @@ def test_an_unknown_type_is_refused() -> None:
 def test_proto_text_names_the_node_and_the_declared_types(typed: TypedNode) -> None:
     text = typed.proto_text()
     assert "'every-type-node'" in text and NODE_ID in text
-    assert "  // count: int\n  optional int64 count = 1;" in text
-    assert "  // extra: any (any JSON value)\n  google.protobuf.Value extra = 7;" in text
+    assert f"  // count: int\n  optional int64 count = {field_number('count', 'int')};" in text
+    assert f"  // extra: any (any JSON value)\n  google.protobuf.Value extra = {field_number('extra', 'any')};" in text
 
 
 # --- render_proto against protoc -------------------------------------------------------------------------------------
@@ -432,3 +432,33 @@ def test_render_proto_writes_relative_and_captured_names_as_given() -> None:
     text = render_proto(file)
     # In package a.google, `google.protobuf.Struct` would mean a.google.protobuf.Struct, so the leading dot stays.
     assert "  .google.protobuf.Struct s = 1;\n  M r = 2;" in text
+
+
+# --- field numbers that never change meaning ------------------------------------------------------------------------
+
+
+def test_field_numbers_follow_name_and_type_not_position() -> None:
+    first = TypedNode.build(NODE_ID, "n", {"a": "int", "b": "int"}, {"r": "str"})
+    reordered = TypedNode.build(NODE_ID, "n", {"b": "int", "a": "int"}, {"r": "str"})
+    numbers = {field.name: field.number for field in first.file.message_type[0].field}
+    assert numbers == {field.name: field.number for field in reordered.file.message_type[0].field}
+    # A client built before the reorder is read right.
+    raw = first.request_class(folder_id="f", input={"a": 1, "b": 2}).SerializeToString()  # type: ignore[call-arg]
+    assert reordered.decode(raw) == ("f", {"a": 1, "b": 2})
+    assert field_number("a", "int") != field_number("a", "bool") != field_number("c", "int")
+
+
+@pytest.mark.parametrize("inputs", [{"c": "int", "b": "int"}, {"a": "bool", "b": "int"}, {"b": "int"}])
+def test_a_client_of_older_variables_is_refused_not_misread(inputs: dict[str, str]) -> None:
+    """Renamed, retyped or removed: the old field is unknown to the new node, and the call says so."""
+    old = TypedNode.build(NODE_ID, "n", {"a": "int", "b": "int"}, {})
+    new = TypedNode.build(NODE_ID, "n", inputs, {})
+    raw = old.request_class(folder_id="f", input={"a": 5, "b": 7}).SerializeToString()  # type: ignore[call-arg]
+    with pytest.raises(InvalidArgument, match=rf"field number {field_number('a', 'int')}.*variables changed"):
+        new.decode(raw)
+
+
+def test_field_numbers_stay_in_protobufs_range() -> None:
+    for index in range(20000):
+        number = field_number(f"v{index}", "int")
+        assert 1 <= number <= 2**29 - 1 and not 19000 <= number < 20000

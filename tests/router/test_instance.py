@@ -180,13 +180,16 @@ def test_killed_instance_is_unavailable(tmp_path: Path) -> None:
 def test_a_caller_that_leaves_does_not_leave_the_cell_running(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running(tmp_path, sleeper(tmp_path), timeout=0.3) as instance:
-            left = asyncio.create_task(instance.execute(b'{"seconds": 30}', deadline=deadline(0.3)))
-            await asyncio.sleep(0.1)
+            left = asyncio.create_task(instance.execute(b'{"seconds": 30}', deadline=deadline(20)))
+            await asyncio.sleep(0.2)
             left.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await left
-            # The cell is interrupted at the first request's deadline, so this one gets the instance in time.
+            # Busy until the abandoned cell has stopped, so that no request is routed to it as if it were idle.
+            assert instance.outstanding == 1
+            # The cell is interrupted at once, not at the first request's deadline, 20 s away.
             assert await instance.execute(b'{"seconds": 0}', deadline=deadline(3)) == b'{"n":2}'
+            assert instance.outstanding == 0
 
     asyncio.run(scenario())
 
