@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from cellnode.api.dispatch import check_inputs, dispatch
 from cellnode.exceptions import APIError, CellExecutionError, InternalError
 from cellnode.router.alias import AliasRoute, MirrorRecord, Share
 from cellnode.router.table import RoutingTable
@@ -44,7 +45,6 @@ async def _shadow(
 ) -> tuple[int, bytes | APIError, float]:
     """Run a copy on the shadow node: its status code, output or error, and milliseconds. Never raises."""
     started = time.perf_counter()
-    from cellnode.api.calls import check_inputs, dispatch  # here: calls imports this module
 
     try:
         route = table.get(node_id)

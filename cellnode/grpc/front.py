@@ -21,7 +21,8 @@ import grpc
 import orjson
 from google.protobuf import message
 
-from cellnode.api.calls import ROUTE_KEY, Call, check_caller, check_folder, run_alias, run_node
+from cellnode.api.calls import ROUTE_KEY, Call, run_alias, run_node
+from cellnode.api.dispatch import check_caller, check_folder
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import (
     APIError,
