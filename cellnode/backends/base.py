@@ -43,7 +43,13 @@ class InstanceSpec:
 
 
 class InstanceFailed(CellnodeError):
-    """An instance could not start; the message gives its exit code and the last line it logged."""
+    """An instance could not start; the message gives its exit code and the last line it logged. `permanent` when no
+    retry can help (an image that does not exist, credentials a registry refuses): the node then fails at once
+    instead of retrying."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class InstanceHandle(ABC):

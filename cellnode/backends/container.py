@@ -114,10 +114,6 @@ PORTS_TAKEN = (
 class ContainerFailed(InstanceFailed):
     """A container instance could not start; `permanent` when no retry can help (a missing image, say)."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
 
 @dataclass(frozen=True)
 class ContainerConfig:

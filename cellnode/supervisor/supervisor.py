@@ -696,7 +696,8 @@ class Supervisor:
         except (InstanceFailed, Unavailable) as exc:
             await asyncio.to_thread(self._write_failed, instance_id, str(exc))
             code = handle.returncode if handle is not None else None
-            raise LaunchFailed(str(exc), permanent=code in PERMANENT_EXIT_CODES) from exc
+            permanent = code in PERMANENT_EXIT_CODES or getattr(exc, "permanent", False)
+            raise LaunchFailed(str(exc), permanent=permanent) from exc
         except Exception as exc:
             logger.exception("Node %s: the instance could not be started.", node.id)
             await asyncio.to_thread(self._write_failed, instance_id, f"The instance could not be started: {exc}")
