@@ -5,6 +5,7 @@ CellnodeError
  ├ ConfigError                  # a bad or missing setting; names the key and the environment variable
  ├ TransportError               # the SDK could not reach the server (wraps httpx)
  ├ CorruptBlobError             # a checkpoint blob does not match its sha256
+ ├ ResponseAborted              # a proxied instance failed after its response had started
  ├ TypedServiceError(ValueError)  # a node's variables cannot be typed gRPC fields (it still serves by NodeService)
  └ APIError(message, details)   # an error the API returns; rebuilt by the SDK from the JSON body
     ├ InvalidArgument           # 400  INVALID_ARGUMENT
@@ -53,6 +54,17 @@ class TransportError(CellnodeError):
 
 class TypedServiceError(CellnodeError, ValueError):
     """A node's variables cannot be fields of a typed gRPC service; the node still serves through NodeService."""
+
+
+class ResponseAborted(CellnodeError):
+    """The instance failed after its response had started: the front can only drop the client's connection.
+
+    `status_code` is the status the client was already sent.
+    """
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class CorruptBlobError(CellnodeError):
