@@ -35,7 +35,7 @@ class InstanceSpec:
 
     node_id: str
     instance_id: str
-    launch: dict[str, Any]
+    launch: dict[str, Any] = field(repr=False)  # a container's may hold registry credentials: never printed
     log_path: Path
     env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secret values: never printed
     zone: str = "local"

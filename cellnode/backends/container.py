@@ -371,8 +371,16 @@ class ContainerBackend(Backend):
                 max_bytes=spec.launch.get("log_max_bytes", DEFAULT_MAX_BYTES),
                 backups=spec.launch.get("log_backups", DEFAULT_BACKUPS),
             )
+            run = asyncio.ensure_future(asyncio.to_thread(self._run, client, spec, config, ports))
             try:
-                container = await asyncio.to_thread(self._run, client, spec, config, ports)
+                container = await asyncio.shield(run)
+            except asyncio.CancelledError:
+                # The thread goes on and may still start the container: wait for it, then remove what it made.
+                log.close()
+                with contextlib.suppress(Exception):
+                    started = await run
+                    await asyncio.to_thread(started.remove, force=True)
+                raise
             except BaseException:
                 log.close()
                 raise
@@ -388,10 +396,13 @@ class ContainerBackend(Backend):
         handles, self.handles = list(self.handles.values()), {}
         await asyncio.gather(*(handle.stop() for handle in handles))
         if self._client is not None:
-            # Those whose start was cancelled between create and the handle.
-            await asyncio.to_thread(self._remove, {"cellnode.session": self._session})
-            self._client.close()
-            self._client = None
+            try:
+                # Those whose start was cancelled between create and the handle.
+                with contextlib.suppress(*ENGINE_ERRORS):  # the engine is gone: nothing more to remove
+                    await asyncio.to_thread(self._remove, {"cellnode.session": self._session})
+            finally:
+                self._client.close()
+                self._client = None
 
     async def remove_leftovers(self) -> list[str]:
         """Remove the containers of this owner that this backend did not start (a previous run's); their names."""
@@ -445,7 +456,8 @@ class ContainerBackend(Backend):
                 error = error.replace(password, "***")
             raise _pull_failure(image, auth, error, exc.status_code) from None
         except ENGINE_ERRORS as exc:  # The engine answered a moment ago: a broken connection may well mend.
-            raise ContainerFailed(PULL_FAILED.format(image=image, error=exc)) from exc
+            # Not chained: the failed request holds the credentials.
+            raise ContainerFailed(PULL_FAILED.format(image=image, error=exc)) from None
 
     def _run(
         self, client: docker.DockerClient, spec: InstanceSpec, config: ContainerConfig, ports: dict[str, int]

@@ -38,7 +38,7 @@ from urllib.parse import quote
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from cellnode.config import MAX_MESSAGE_BYTES
+from cellnode.config import MAX_MESSAGE_BYTES, is_loopback
 from cellnode.exceptions import (
     DeadlineExceeded,
     InvalidArgument,
@@ -104,6 +104,8 @@ class ProxyInstance:
     ) -> None:
         if endpoint not in ("http", "http2"):
             raise ValueError(f"Endpoint {endpoint!r} cannot be proxied over HTTP; it must be 'http' or 'http2'.")
+        if not is_loopback(address.rpartition(":")[0].strip("[]")):
+            raise ValueError(f"Instance address {address!r} is not on loopback (127.0.0.0/8 or ::1); give one that is.")
         self.instance_id = instance_id
         self.node_id = node_id
         self.address = address

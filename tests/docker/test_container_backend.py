@@ -177,7 +177,7 @@ def test_http_endpoint_with_health_check(docker_engine: Engine, service_image: s
             assert time.monotonic() - began < 10
             assert await probe(handle.health_check) == (False, "connection refused")
             assert not docker_engine.client.containers.list(all=True, filters={"label": "cellnode.instance_id=i1"})
-            assert "s3cr3t" not in repr(handle) + handle.log.path.read_text()
+            assert "s3cr3t" not in handle.log.path.read_text()
 
     asyncio.run(scenario())
 
@@ -507,3 +507,37 @@ def test_health_check_defaults() -> None:
         3,
         3,
     )
+
+
+def test_a_spec_never_prints_its_secrets(tmp_path: Path) -> None:
+    auth = {"username": "json_key", "password": "pa55word"}
+    spec = InstanceSpec(
+        "n1",
+        "i1",
+        {"container": {"image": "x:1", "port": 8080, "registry_auth": auth}},
+        log_path=tmp_path,
+        env={"MY_SECRET": "s3cr3t"},
+    )
+    assert "pa55word" not in repr(spec) and "s3cr3t" not in repr(spec)
+
+
+def test_a_cancelled_start_leaves_no_container(docker_engine: Engine, service_image: str, tmp_path: Path) -> None:
+    """Cancelled at several points of `start()`: whatever the engine made by then is removed, not left running."""
+    node = http_node(tmp_path, service_image)
+
+    async def scenario() -> None:
+        async with ContainerBackend(base_url=docker_engine.host) as backend:
+            for index, delay in enumerate((0.0, 0.01, 0.03, 0.06, 0.1, 0.2)):
+                instance_id = f"cancel{index}"
+                starting = asyncio.create_task(backend.start(instance(tmp_path, instance_id, node)))
+                await asyncio.sleep(delay)
+                if starting.done():
+                    await (await starting).stop()
+                    continue
+                starting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await starting
+                label = {"label": f"cellnode.instance_id={instance_id}"}
+                assert not docker_engine.client.containers.list(all=True, filters=label), f"left after {delay} s"
+
+    asyncio.run(scenario())

@@ -728,3 +728,9 @@ def test_end_to_end_through_a_front(front: str) -> None:
         with pytest.raises(httpx.RemoteProtocolError):
             client.get("/abort")  # the front dropped the connection: the body is incomplete
         assert client.get("/echo/after").status_code == 200
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:80", "example.com:80", "[fe80::1]:80"])
+def test_only_loopback_instances(address: str) -> None:
+    with pytest.raises(ValueError, match="not on loopback"):
+        ProxyInstance("i1", "n1", address, "http", 1.0)
