@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -46,8 +44,8 @@ from execute_vs_fastapi import (
     measure,
     parse_wrk,
     parse_wrk_args,
+    run_bench,
     run_wrk,
-    sigterm_as_interrupt,
     summarize,
     verify,
 )
@@ -325,61 +323,54 @@ def main() -> int:
     args = parse_args()
     wrk = ensure_wrk()
     load = os.getloadavg()  # before we add any: how busy the machine was when the run started
-    servers: list[Server] = []
-    tmp = Path(tempfile.mkdtemp(prefix="cellnode-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            print(f"Starting cellnode serve, deploying {' and '.join(NODES)} and three aliases ...")
-            dep = deploy(tmp, servers)
-            print("Checking each variant answers the documented call and routes as declared:")
-            checks = check_routing(dep)
-            runs: dict[str, list[WrkRun]] = {name: [] for name in VARIANTS}
-            background: dict[str, list[Background]] = {name: [] for name in VARIANTS}
-            mirror: list[MirrorCount] = []
-            for round_number in range(1, args.rounds + 1):
-                # Each round starts one variant later, so that no variant always runs first or after the mirror.
-                shift = (round_number - 1) % len(VARIANTS)
-                for name in VARIANTS[shift:] + VARIANTS[:shift]:
-                    for server in servers:
-                        server.check_running()
-                    before = mirror_totals(dep) if name == "alias-mirror" else {}
-                    run, warm, background_cpu = measure_counted(wrk, dep.targets[name], args)
-                    runs[name].append(run)
-                    background[name].append(background_cpu)
-                    if name == "alias-mirror":
-                        time.sleep(SETTLE_S)
-                        after = mirror_totals(dep)
-                        delta = {k: after[k] - before[k] for k in after}
-                        counts = (delta["requests"], delta["agree"], delta["differ"], delta["error"])
-                        mirror.append(MirrorCount(warm + run.requests, *counts))
-                    print(
-                        f"  round {round_number}/{args.rounds} {name:<12}: {run.requests_per_s:>6.0f} req/s, "
-                        f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, "
-                        f"{run.cpu_us_per_request:.0f} CPU us/req, errors {run.errors}; others used "
-                        f"{background_cpu.others_cores:.2f} cores, steal {background_cpu.steal_cores:.2f}"
-                    )
-            variants = {
-                name: Variant(
-                    summarize(runs[name]),
-                    statistics.median(r.cpu_us_per_request - r.child_cpu_us_per_request for r in runs[name]),
-                    background[name],
+
+    def body(servers: list[Server], tmp: Path) -> int:
+        print(f"Starting cellnode serve, deploying {' and '.join(NODES)} and three aliases ...")
+        dep = deploy(tmp, servers)
+        print("Checking each variant answers the documented call and routes as declared:")
+        checks = check_routing(dep)
+        runs: dict[str, list[WrkRun]] = {name: [] for name in VARIANTS}
+        background: dict[str, list[Background]] = {name: [] for name in VARIANTS}
+        mirror: list[MirrorCount] = []
+        for round_number in range(1, args.rounds + 1):
+            # Each round starts one variant later, so that no variant always runs first or after the mirror.
+            shift = (round_number - 1) % len(VARIANTS)
+            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+                for server in servers:
+                    server.check_running()
+                before = mirror_totals(dep) if name == "alias-mirror" else {}
+                run, warm, background_cpu = measure_counted(wrk, dep.targets[name], args)
+                runs[name].append(run)
+                background[name].append(background_cpu)
+                if name == "alias-mirror":
+                    time.sleep(SETTLE_S)
+                    after = mirror_totals(dep)
+                    delta = {k: after[k] - before[k] for k in after}
+                    counts = (delta["requests"], delta["agree"], delta["differ"], delta["error"])
+                    mirror.append(MirrorCount(warm + run.requests, *counts))
+                print(
+                    f"  round {round_number}/{args.rounds} {name:<12}: {run.requests_per_s:>6.0f} req/s, "
+                    f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, "
+                    f"{run.cpu_us_per_request:.0f} CPU us/req, errors {run.errors}; others used "
+                    f"{background_cpu.others_cores:.2f} cores, steal {background_cpu.steal_cores:.2f}"
                 )
-                for name in VARIANTS
-            }
-            variants["alias-mirror"].mirror = mirror
-            info = {**machine(), "load": [round(x, 2) for x in load]}
-            entry = {**report(variants, info, args), "routing_checks": checks, "node_ids": dep.node_ids}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(entry, indent=2) + "\n")
-            print(f"\nResults written to {RESULTS.relative_to(ROOT)}")
-            return 1 if entry["errors"] else 0
-    except KeyboardInterrupt:
-        print("\nInterrupted; stopping the server.", file=sys.stderr)
-        return 130
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        variants = {
+            name: Variant(
+                summarize(runs[name]),
+                statistics.median(r.cpu_us_per_request - r.child_cpu_us_per_request for r in runs[name]),
+                background[name],
+            )
+            for name in VARIANTS
+        }
+        variants["alias-mirror"].mirror = mirror
+        info = {**machine(), "load": [round(x, 2) for x in load]}
+        entry = {**report(variants, info, args), "routing_checks": checks, "node_ids": dep.node_ids}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(entry, indent=2) + "\n")
+        print(f"\nResults written to {RESULTS.relative_to(ROOT)}")
+        return 1 if entry["errors"] else 0
+
+    return run_bench(body)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -462,6 +462,23 @@ def save(entry: dict[str, Any]) -> None:
 # -- main
 
 
+def run_bench(body: Callable[[list[Server], Path], int]) -> int:
+    """Run a benchmark's `body(servers, tmp)`: the servers it starts go into `servers`, its files into `tmp`; both
+    are cleaned up on any exit, and Ctrl-C or SIGTERM stops it with exit status 130."""
+    servers: list[Server] = []
+    tmp = Path(tempfile.mkdtemp(prefix="cellnode-bench-"))
+    try:
+        with sigterm_as_interrupt():
+            return body(servers, tmp)
+    except KeyboardInterrupt:
+        print("\nInterrupted; stopping the servers.", file=sys.stderr)
+        return 130
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """A SIGTERM to the benchmark stops it like a Ctrl-C, so the servers are still stopped."""
@@ -501,39 +518,32 @@ def parse_wrk_args(description: str | None, *, duration: int, per: str) -> argpa
 def main() -> int:
     args = parse_args()
     wrk = ensure_wrk()
-    servers: list[Server] = []
-    tmp = Path(tempfile.mkdtemp(prefix="cellnode-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            print("Starting cellnode serve and deploying randomizer-node ...")
-            targets = {"cellnode": start_cellnode(tmp, servers)}
-            print("Starting bench/fastapi_randomizer.py ...")
-            targets["fastapi"] = start_fastapi(tmp, servers)
-            print("Checking both answer the documented call:")
-            for target in targets.values():
-                verify(target)
-            runs: dict[str, list[WrkRun]] = {name: [] for name in SYSTEMS}
-            for round_number in range(1, args.rounds + 1):
-                for name in SYSTEMS:
-                    for server in servers:
-                        server.check_running()
-                    run = measure(wrk, targets[name], args)
-                    runs[name].append(run)
-                    print(
-                        f"  round {round_number}/{args.rounds} {name:<8}: {run.requests_per_s:>8.0f} req/s, "
-                        f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, "
-                        f"{run.cpu_us_per_request:.0f} CPU us/req, errors {run.errors}"
-                    )
-            entry = report({name: summarize(runs[name]) for name in SYSTEMS}, machine(), args)
-            save(entry)
-            return 1 if entry["errors"] else 0
-    except KeyboardInterrupt:
-        print("\nInterrupted; stopping the servers.", file=sys.stderr)
-        return 130
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def body(servers: list[Server], tmp: Path) -> int:
+        print("Starting cellnode serve and deploying randomizer-node ...")
+        targets = {"cellnode": start_cellnode(tmp, servers)}
+        print("Starting bench/fastapi_randomizer.py ...")
+        targets["fastapi"] = start_fastapi(tmp, servers)
+        print("Checking both answer the documented call:")
+        for target in targets.values():
+            verify(target)
+        runs: dict[str, list[WrkRun]] = {name: [] for name in SYSTEMS}
+        for round_number in range(1, args.rounds + 1):
+            for name in SYSTEMS:
+                for server in servers:
+                    server.check_running()
+                run = measure(wrk, targets[name], args)
+                runs[name].append(run)
+                print(
+                    f"  round {round_number}/{args.rounds} {name:<8}: {run.requests_per_s:>8.0f} req/s, "
+                    f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, "
+                    f"{run.cpu_us_per_request:.0f} CPU us/req, errors {run.errors}"
+                )
+        entry = report({name: summarize(runs[name]) for name in SYSTEMS}, machine(), args)
+        save(entry)
+        return 1 if entry["errors"] else 0
+
+    return run_bench(body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -49,8 +48,8 @@ from execute_vs_fastapi import (
     clean_env,
     ensure_wrk,
     parse_wrk,
+    run_bench,
     run_wrk,
-    sigterm_as_interrupt,
     to_ms,
     tree_cpu_seconds,
     verify,
@@ -667,42 +666,35 @@ def main() -> int:
         tools["wrk"] = ensure_wrk()
     info = machine(tools)  # before we start anything: the load average says how busy the machine was
     chosen = variants(args)
-    servers: list[Server] = []
-    tmp = Path(tempfile.mkdtemp(prefix="cellnode-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            print("Starting cellnode serve --grpc-port 0 and deploying randomizer-node ...")
-            dep = deploy(tmp, servers)
-            print("Checking both protocols answer the documented call:")
-            verify_grpc(dep)
-            verify(rest_target(dep))
-            runs: dict[str, list[Run]] = {v.name: [] for v in chosen}
-            for round_number in range(1, args.rounds + 1):
-                # Each round starts one variant later, so that no variant always runs first.
-                shift = (round_number - 1) % len(chosen)
-                for variant in chosen[shift:] + chosen[:shift]:
-                    for server in servers:
-                        server.check_running()
-                    run = measure(tools, dep, variant, args, tmp)
-                    runs[variant.name].append(run)
-                    print(
-                        f"  round {round_number}/{args.rounds} {variant.name:<18}: {run.requests_per_s:>6.0f} req/s, "
-                        f"mean {run.mean_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, {run.cpu_us_per_request:.0f} CPU "
-                        f"us/req (instance {run.instance_cpu_us_per_request:.0f}), client "
-                        f"{run.client_cpu_us_per_request:.0f}; others used {run.others_cores:.2f} cores; "
-                        f"server codes {run.codes}"
-                    )
-            summaries = {v.name: summarize(v, runs[v.name]) for v in chosen}
-            entry = report(summaries, info, args)
-            save(entry)
-            return 1 if entry["problems"] else 0
-    except KeyboardInterrupt:
-        print("\nInterrupted; stopping the server.", file=sys.stderr)
-        return 130
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def body(servers: list[Server], tmp: Path) -> int:
+        print("Starting cellnode serve --grpc-port 0 and deploying randomizer-node ...")
+        dep = deploy(tmp, servers)
+        print("Checking both protocols answer the documented call:")
+        verify_grpc(dep)
+        verify(rest_target(dep))
+        runs: dict[str, list[Run]] = {v.name: [] for v in chosen}
+        for round_number in range(1, args.rounds + 1):
+            # Each round starts one variant later, so that no variant always runs first.
+            shift = (round_number - 1) % len(chosen)
+            for variant in chosen[shift:] + chosen[:shift]:
+                for server in servers:
+                    server.check_running()
+                run = measure(tools, dep, variant, args, tmp)
+                runs[variant.name].append(run)
+                print(
+                    f"  round {round_number}/{args.rounds} {variant.name:<18}: {run.requests_per_s:>6.0f} req/s, "
+                    f"mean {run.mean_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, {run.cpu_us_per_request:.0f} CPU "
+                    f"us/req (instance {run.instance_cpu_us_per_request:.0f}), client "
+                    f"{run.client_cpu_us_per_request:.0f}; others used {run.others_cores:.2f} cores; "
+                    f"server codes {run.codes}"
+                )
+        summaries = {v.name: summarize(v, runs[v.name]) for v in chosen}
+        entry = report(summaries, info, args)
+        save(entry)
+        return 1 if entry["problems"] else 0
+
+    return run_bench(body)
 
 
 if __name__ == "__main__":
