@@ -207,13 +207,7 @@ class Engine:
                 with contextlib.suppress(docker.errors.DockerException, OSError):
                     self.remove_containers()
             self.client.close()
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(10)
+            _end(self.process, timeout)
             if self.process.returncode is not None:
                 _unmount_under(self.exec_root)  # dockerd leaves netns/default (an nsfs mount) behind
                 _unmount_under(self.data_root)
@@ -588,13 +582,7 @@ class Registry:
         return {"username": self.user, "password": self.password}
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        _end(self.process, timeout)
         return self.process.returncode
 
     def log_tail(self, size: int = 4000) -> str:
@@ -620,6 +608,27 @@ auth:
     realm: cellnode-tests
     path: {htpasswd}
 """
+
+
+def write_app(directory: Path, name: str, source: str) -> Path:
+    """A world-readable code directory for a read-only bind mount: pytest's temporary directories are 0700, and a
+    container user other than root must read it."""
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    (directory / name).write_text(source)
+    (directory / name).chmod(0o644)
+    return directory
+
+
+def _end(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from cellnode.backends.base import InstanceFailed, InstanceSpec
 from cellnode.backends.container import ContainerBackend, ContainerFailed, ContainerHandle
 from cellnode.backends.health import HealthCheck, HealthMonitor, port_open, probe
 from cellnode.telemetry.logs import read_logs
-from tests.docker_engine import Engine, Registry, free_port, push_image
+from tests.docker_engine import Engine, Registry, free_port, push_image, write_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -78,15 +78,6 @@ server.wait_for_termination()
 UVICORN = ["sh", "-c", 'exec python3 -m uvicorn app:app --host "$CELLNODE_HOST" --port "$PORT"']
 HTTP_SERVER = ["sh", "-c", 'exec python3 -m http.server --bind "$CELLNODE_HOST" "$PORT"']
 FAST_HEALTH = {"path": "/health-check", "timeout": 1, "interval": 0.2, "fails_threshold": 2, "passes_threshold": 3}
-
-
-def write_app(directory: Path, name: str, source: str) -> Path:
-    """A world-readable code directory for a read-only mount (pytest's temporary directories are 0700)."""
-    directory.mkdir(mode=0o755)
-    directory.chmod(0o755)
-    (directory / name).write_text(source)
-    (directory / name).chmod(0o644)
-    return directory
 
 
 def instance(tmp_path: Path, instance_id: str, container: dict[str, Any], **env: str) -> InstanceSpec:
@@ -222,7 +213,7 @@ def test_ready_without_health_check_when_the_port_opens(
             handle.interrupt()  # nothing to interrupt in a container
 
             # An image on fixed ports runs one instance per machine.
-            fixed = {**node, "port": handle.port + 1 if handle.port < 65535 else handle.port - 1, "assign_ports": False}
+            fixed = {**node, "port": free_port(), "assign_ports": False}
             one = await backend.start(instance(tmp_path, "f1", fixed))
             assert one.port == fixed["port"]
             await one.wait_ready(30)
@@ -537,7 +528,7 @@ def test_a_cancelled_start_leaves_no_container(docker_engine: Engine, service_im
                 starting.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await starting
-                label = {"label": f"cellnode.instance_id={instance_id}"}
+                label: dict[str, str | list[str] | bool] = {"label": f"cellnode.instance_id={instance_id}"}
                 assert not docker_engine.client.containers.list(all=True, filters=label), f"left after {delay} s"
 
     asyncio.run(scenario())

@@ -18,7 +18,7 @@ import requests
 from docker.models.containers import Container
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.docker_engine import Engine, Registry, add_file_layer, free_port, push_image, running
+from tests.docker_engine import Engine, Registry, add_file_layer, free_port, push_image, running, write_app
 
 # A cold cache builds the images inside the first test's setup (a minute or two); a warm one takes seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
@@ -87,15 +87,6 @@ def wait_http(container: Container, url: str, timeout: float = 30.0) -> httpx.Re
                 break
             time.sleep(0.1)
     raise AssertionError(f"{url} did not answer; container {container.status}:\n{container.logs().decode()}")
-
-
-def write_app(directory: Path, name: str, source: str) -> Path:
-    """A world-readable code directory, so a container user other than root can read it through a bind mount."""
-    directory.mkdir(mode=0o755)
-    directory.chmod(0o755)
-    (directory / name).write_text(source)
-    (directory / name).chmod(0o644)
-    return directory
 
 
 def test_engine_is_private_and_host_networked(docker_engine: Engine) -> None:
