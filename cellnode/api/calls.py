@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from cellnode.api.deps import Services
-from cellnode.api.dispatch import check_caller, check_folder, check_inputs, dispatch
+from cellnode.api.dispatch import check_caller, check_cell, check_folder, check_inputs, dispatch
 from cellnode.api.shadows import mirror, settle_shadows
 from cellnode.exceptions import (
     APIError,
@@ -58,6 +58,7 @@ async def run_node(svc: Services, call: Call, node_id: str) -> bytes:
     call.node_id = route.node_id
     check_folder(route.acl, call.folder_id, f"node {route.node_id!r}")
     await check_caller(svc, call.caller, call.folder_id, f"node {route.node_id!r}")
+    check_cell(route)
     check_inputs(route, call.inputs, call.doubles)
     if call.payload is None:
         call.payload = orjson.dumps(call.inputs)
@@ -77,8 +78,9 @@ async def run_alias(svc: Services, call: Call, name: str) -> bytes:
     shadows = None
     started = time.perf_counter()
     while True:
-        node_id = _choose(svc.table, alias, call.route_key, tried)
+        node_id = choose_node(svc.table, alias, call.route_key, tried)
         route = svc.table.get(node_id)
+        check_cell(route)
         check_inputs(route, call.inputs, call.doubles)
         if call.payload is None:
             call.payload = orjson.dumps(call.inputs)
@@ -101,10 +103,10 @@ async def run_alias(svc: Services, call: Call, name: str) -> bytes:
                 raise
             continue
         except APIError as exc:
-            _count_outcome(svc, alias, node_id, exc.status_code)
+            count_outcome(svc, alias, node_id, exc.status_code)
             settle_shadows(svc, alias, node_id, shadows, started, exc, exc.status_code, call.request_id)
             raise
-        _count_outcome(svc, alias, node_id, 200)
+        count_outcome(svc, alias, node_id, 200)
         settle_shadows(svc, alias, node_id, shadows, started, output, 200, call.request_id)
         return output
 
@@ -113,7 +115,7 @@ def _any_left(table: RoutingTable, alias: AliasRoute, tried: set[str]) -> bool:
     return any(s.percent > 0 and s.node_id not in tried and table.serving(s.node_id) for s in alias.shares)
 
 
-def _choose(table: RoutingTable, alias: AliasRoute, key: str | None, tried: set[str]) -> str:
+def choose_node(table: RoutingTable, alias: AliasRoute, key: str | None, tried: set[str]) -> str:
     """The node for this request: weighted at random, or by rendezvous hash of the route key."""
 
     def serving(node_id: str) -> bool:
@@ -145,7 +147,7 @@ def _none_serving(table: RoutingTable, alias: AliasRoute, tried: set[str]) -> st
     )
 
 
-def _count_outcome(svc: Services, alias: AliasRoute, node_id: str, code: int) -> None:
+def count_outcome(svc: Services, alias: AliasRoute, node_id: str, code: int) -> None:
     """Feed the alias's rollback watch: 5xx answers count as the node's errors (4xx are the caller's)."""
     rate = alias.stats.outcome(alias.rollback, node_id, code >= 500, time.monotonic())
     if rate is not None:

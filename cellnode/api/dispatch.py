@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from cellnode.exceptions import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
+from cellnode.exceptions import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from cellnode.iam.access import subject
 from cellnode.iam.credentials import Caller
-from cellnode.router.instance import NotStarted
+from cellnode.router.instance import Instance, NotStarted
 from cellnode.router.table import NodeRoute
 from cellnode.runtime.variables import check_input, type_name
 
@@ -36,6 +36,7 @@ async def dispatch(route: NodeRoute, payload: bytes, request_id: str, caller_dea
                 raise
             except Unavailable as exc:
                 raise NotStarted(exc.message) from None
+            assert isinstance(instance, Instance), "the execute API routes to cell nodes only"
             return await instance.execute(payload, deadline=deadline, request_id=request_id)
         except NotStarted:
             # The instance died before the request reached it: nothing ran, so another instance may take it.
@@ -74,6 +75,16 @@ def check_folder(acl: frozenset[str], folder_id: Any, what: str) -> None:
         raise PermissionDenied(
             f"Folder {folder_id!r} is not in the ACL of {what}, so it may not call it. "
             "Use a folder its owner has added to the ACL."
+        )
+
+
+def check_cell(route: NodeRoute) -> None:
+    """The execute API runs cells: a docker node serves its image's own API, which the node-proxy form reaches."""
+    if route.kind != "cell":
+        raise FailedPrecondition(
+            f"Node {route.node_id!r} is a docker node: it serves its image's own API, not the execute API. Send the "
+            f"request to the path its service answers, with the header x-node-id: {route.node_id} (and x-folder-id)"
+            + (" on the server's gRPC port." if route.endpoint == "grpc" else ".")
         )
 
 

@@ -1,5 +1,6 @@
 """The execute API, the hot path: `POST /datasphere/v1/nodes/{node_id}:execute`,
-`POST /datasphere/v1/aliases/{alias_name}:execute`, and the header-routed `POST /` (`x-node-id` or `x-node-alias`).
+`POST /datasphere/v1/aliases/{alias_name}:execute`, and the header-routed `POST /` (`x-node-id` or `x-node-alias`)
+of cell nodes. Header-routed requests to docker nodes pass through to them (`cellnode/api/passthrough.py`).
 
 Per request: the credential comes from the token cache, the node from the in-memory routing table; the body is
 parsed once; the output comes back from the instance as JSON bytes and is wrapped, not parsed again. No database
@@ -25,6 +26,7 @@ from cellnode.api.audit import record_refused
 from cellnode.api.calls import ROUTE_KEY, Call, run_alias, run_node
 from cellnode.api.deps import Services, client_of
 from cellnode.api.errors import error_response
+from cellnode.api.passthrough import PassThrough, passes_through
 from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import (
     APIError,
@@ -181,8 +183,14 @@ class ExecuteFront:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+        self.passthrough = PassThrough()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and passes_through(scope, self.app.state.services):
+            scope["app"] = self.app
+            scope[REQUEST_ID] = request_id = os.urandom(8).hex()
+            await self.passthrough(self.app.state.services, scope, receive, send, request_id)
+            return
         handler = _execute_handler(scope) if scope["type"] == "http" else None
         if handler is None:
             if scope["type"] == "http" and scope["path"].startswith(MANAGEMENT_PREFIX):

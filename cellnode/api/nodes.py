@@ -1,4 +1,5 @@
-"""Cell nodes: create (with the checks that catch a broken deployment before it starts), list, get, delete."""
+"""Nodes: create (a cell node, with the checks that catch a broken deployment before it starts, or a docker node), list,
+get, update, suspend, resume, delete."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cellnode.api.checkpoints import find_checkpoint
+from cellnode.api.containers import (
+    check_registry_secret,
+    container_out,
+    patch_container,
+    store_container,
+    store_kernel_image,
+)
 from cellnode.api.deps import CallerDep, Services, ServicesDep, find_resource, resolve_folder
 from cellnode.api.node_openapi import node_openapi
 from cellnode.api.schemas import (
+    CELL_ONLY,
     InstanceOut,
     LogLine,
     LogList,
@@ -30,7 +39,7 @@ from cellnode.iam.access import Role
 from cellnode.iam.credentials import Caller
 from cellnode.store.models import Checkpoint, Folder, Instance, Node, Usage, utcnow
 from cellnode.supervisor.aliases import aliases_naming, routing_name
-from cellnode.supervisor.specs import check_spec, machine_capacity
+from cellnode.supervisor.specs import Spec, check_spec, machine_capacity
 from cellnode.telemetry.logs import MAX_TAIL, read_logs
 
 router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
@@ -38,30 +47,39 @@ router = APIRouter(prefix="/cellnode/v1/nodes", tags=["nodes"])
 
 @router.post("", response_model=NodeOut)
 def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOut:
-    """Create a cell node from a pinned checkpoint. It starts as CREATED and turns HEALTHY once its instance is up."""
+    """Create a node: a cell node from a pinned checkpoint, or a docker node from an image. It starts as CREATED and
+    turns HEALTHY once its instances are up."""
     with svc.db.session() as session:
         folder = resolve_folder(session, svc, caller, body.folder_id, "developer", "create nodes")
         taken = session.scalar(select(Node.id).where(Node.folder_id == folder.id, Node.name == body.name))
         if taken is not None:
             raise AlreadyExists(f"Folder {folder.id!r} already has a node named {body.name!r} ({taken}).")
-        checkpoint = find_checkpoint(session, svc, caller, body.checkpoint, folder.id, "viewer", "use checkpoints")
-        if checkpoint.pinned_at is None:
-            raise FailedPrecondition(
-                f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
-                f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
-            )
+        checkpoint, cell_code, uses_ipython, container = None, "", False, None
+        if body.type == "docker":
+            assert body.container is not None, "checked by NodeCreate"
+            container = store_container(session, body.container, folder.id)
+        else:
+            assert body.checkpoint is not None, "checked by NodeCreate"
+            checkpoint = find_checkpoint(session, svc, caller, body.checkpoint, folder.id, "viewer", "use checkpoints")
+            _check_pinned(checkpoint)
+            cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
+            if body.kernel_image is not None:
+                container = store_kernel_image(session, body.kernel_image, folder.id)
         check_spec(svc.specs, body.spec, svc.gpus)
         count, low, high = instance_range(body, None)
+        check_container(container if body.type == "docker" else None, body.spec, svc.specs, high)
         zones = check_zones(body.zones, svc.zones)
         check_capacity(session, svc, body.spec, high, None)
-        cell_code, uses_ipython = check_variables(body.inputs, body.outputs, checkpoint)
         acl = check_acl(session, body.acl, folder)
         secrets = resolve_secrets(session, folder.id, body.secrets or [])
+        assert body.timeout is not None, "NodeCreate fills in the type's default"
         node = Node(
             folder_id=folder.id,
             name=body.name,
             description=body.description,
-            checkpoint_id=checkpoint.id,
+            type=body.type,
+            checkpoint_id=checkpoint.id if checkpoint is not None else None,
+            container=container,
             inputs=[v.model_dump() for v in body.inputs],
             outputs=[v.model_dump() for v in body.outputs],
             acl=acl,
@@ -73,7 +91,7 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
             zones=zones,
             maintenance_limit=body.maintenance_limit,
             spec=body.spec,
-            state=body.state,
+            state=body.state or "isolated",
             max_queue=body.max_queue,
             cell_code=cell_code,
             uses_ipython=uses_ipython,
@@ -84,6 +102,14 @@ def create_node(body: NodeCreate, svc: ServicesDep, caller: CallerDep) -> NodeOu
         out = node_out(session, node)
     svc.supervisor.notify()
     return out
+
+
+def _check_pinned(checkpoint: Checkpoint) -> None:
+    if checkpoint.pinned_at is None:
+        raise FailedPrecondition(
+            f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
+            f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
+        )
 
 
 @router.get("", response_model=NodeList)
@@ -135,6 +161,7 @@ def update_node(
         node = find_node(session, svc, caller, ref, folder_id, "developer", "change nodes")
         if node.status == "DELETING":
             raise FailedPrecondition(f"Node {node.id!r} is being deleted; it cannot be updated.")
+        _check_fields_of_type(node, body)
         if body.folder_id is not None and body.folder_id != node.folder_id:
             _move(session, svc, caller, node, body.folder_id)
         if body.name is not None and body.name != node.name:
@@ -156,11 +183,7 @@ def update_node(
                 else session.get(Checkpoint, node.checkpoint_id)
             )
             assert checkpoint is not None, "a node's checkpoint cannot be deleted (the API refuses it)"
-            if checkpoint.pinned_at is None:
-                raise FailedPrecondition(
-                    f"Checkpoint {checkpoint.id!r} is not pinned; only pinned checkpoints can back a node. "
-                    f"Pin it with 'cellnode checkpoint pin {checkpoint.id} NAME'."
-                )
+            _check_pinned(checkpoint)
             inputs = body.inputs if body.inputs is not None else [VariableDecl(**v) for v in node.inputs]
             outputs = body.outputs if body.outputs is not None else [VariableDecl(**v) for v in node.outputs]
             node.cell_code, node.uses_ipython = check_variables(inputs, outputs, checkpoint)
@@ -181,6 +204,18 @@ def update_node(
             check_capacity(session, svc, node.spec, node.max_instances, node.id)
         if body.state is not None and body.state != node.state:
             node.state, rolls = body.state, True
+        if body.container is not None:
+            container = patch_container(session, node, body.container)
+            if container != node.container:
+                node.container, rolls = container, True
+        elif "kernel_image" in body.model_fields_set:
+            kernel = store_kernel_image(session, body.kernel_image, node.folder_id) if body.kernel_image else None
+            if kernel != node.container:
+                node.container, rolls = kernel, True
+        elif node.container and node.container.get("registry_password_secret"):
+            check_registry_secret(session, node)  # after a move
+        if node.type == "docker" and (body.container is not None or body.spec is not None or body.fields_set_scaling()):
+            check_container(node.container, node.spec, svc.specs, node.max_instances)
         if body.acl is not None:
             folder = session.get(Folder, node.folder_id)
             assert folder is not None
@@ -247,6 +282,7 @@ def get_node_openapi(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: s
     """An OpenAPI document for calling this node, with its typed input and output variables."""
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")
+        _check_cell_node(node, "an OpenAPI document")
         return node_openapi(node)
 
 
@@ -258,6 +294,7 @@ def get_node_proto(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str
 
     with svc.db.session() as session:
         node = find_node(session, svc, caller, ref, folder_id, "viewer", "read nodes")
+        _check_cell_node(node, "a .proto file")
         inputs = {variable["name"]: variable["type"] for variable in node.inputs}
         outputs = {variable["name"]: variable["type"] for variable in node.outputs}
         try:
@@ -273,10 +310,22 @@ def get_node_proto(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str
         )
 
 
+def _check_cell_node(node: Node, what: str) -> None:
+    if node.type != "cell":
+        raise FailedPrecondition(
+            f"Node {node.id!r} is a docker node: it serves its image's own API, so cellnode has no {what} for it. "
+            "Call it with the x-node-id header and the paths its service answers."
+        )
+
+
 def node_out(session: Session, node: Node) -> NodeOut:
     """A node with its instances as the supervisor last observed them."""
     out = NodeOut.model_validate(node)
     out.secrets = secret_names(session, node.secrets)
+    shown = container_out(session, node.container)
+    out.container, out.kernel_image = (shown, None) if node.type == "docker" else (None, shown)
+    if node.type == "docker":
+        out.state = None
     rows = session.scalars(select(Instance).where(Instance.node_id == node.id).order_by(Instance.slot))
     out.instances = [InstanceOut.model_validate(row) for row in rows]
     return out
@@ -287,6 +336,40 @@ def find_node(
 ) -> Node:
     """A node by ID, or by name in the folder, once the caller is known to hold `role` on its folder."""
     return find_resource(session, svc, caller, Node, ref, folder_id, role, action)
+
+
+def _check_fields_of_type(node: Node, body: NodeUpdate) -> None:
+    """Refuse an update that gives a docker node a cell node's settings, or the other way round."""
+    if node.type == "docker":
+        given = [key for key in CELL_ONLY if getattr(body, key) is not None]
+        if given:
+            raise InvalidArgument(
+                f"Node {node.id!r} is a docker node; {given[0]} is a cell node's setting. Change its container "
+                "instead (--image, --port, ...)."
+            )
+    elif body.container is not None:
+        raise InvalidArgument(
+            f"Node {node.id!r} is a cell node; 'container' is a docker node's setting. A cell node's image is "
+            "--kernel-image."
+        )
+
+
+def check_container(container: dict[str, Any] | None, spec_name: str, specs: dict[str, Spec], instances: int) -> None:
+    """Refuse a docker node's container that its spec or instance count cannot hold."""
+    if container is None:
+        return
+    memory, spec = container.get("memory_bytes"), specs[spec_name]
+    if memory is not None and memory > spec.memory_cap:
+        raise InvalidArgument(
+            f"container.memory_bytes is {memory} bytes, more than the {spec.ram_gb:g} GB of spec {spec_name!r} an "
+            "instance gets. Give at most that (--memory), or a larger spec."
+        )
+    if container.get("fixed_ports") and instances > 1:
+        raise InvalidArgument(
+            f"The node's image listens on fixed ports (fixed_ports), so only one of its instances fits on this "
+            f"machine, and it asks for up to {instances}. Make the image listen on $PORT and drop --fixed-ports, or "
+            "give --instance-count 1."
+        )
 
 
 def check_variables(

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 
+from cellnode.api.containers import CELL_TIMEOUT, ENDPOINT_TIMEOUT, ContainerDecl, ContainerPatch, KernelImageDecl
 from cellnode.runtime.variables import TYPES
 
 NAME_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -37,6 +38,9 @@ STATE_HELP = (
     "child process: nothing leaks)."
 )
 Identifier = Annotated[str, AfterValidator(_identifier)]
+NodeType = Literal["cell", "docker"]
+# What only a cell node has: refused on a docker node.
+CELL_ONLY = ("checkpoint", "inputs", "outputs", "state", "kernel_image")
 
 
 class _Out(BaseModel):
@@ -169,24 +173,59 @@ class _Scaling(BaseModel):
 
 
 class NodeCreate(_Scaling):
+    """A cell node (a pinned checkpoint, its input and output variables), or a docker node (`container`)."""
+
     name: ResourceName
-    checkpoint: str = Field(description="ID or pinned name of the checkpoint that backs the node.")
-    inputs: list[VariableDecl] = Field(default_factory=list)
-    outputs: list[VariableDecl] = Field(min_length=1)
+    type: NodeType | None = Field(None, description="'cell' or 'docker'; default 'docker' when `container` is given.")
+    checkpoint: str | None = Field(None, description="Cell nodes: ID or pinned name of the checkpoint behind it.")
+    inputs: list[VariableDecl] = Field(default_factory=list, description="Cell nodes: the input variables.")
+    outputs: list[VariableDecl] = Field(default_factory=list, description="Cell nodes: the output variables (1+).")
     description: str = Field("", max_length=1024)
     folder_id: str | None = None
     acl: list[str] | None = Field(None, description="Folder IDs allowed to call the node; default: its own folder.")
-    timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may run. Defaults to 60.")
+    timeout: float | None = Field(
+        None, gt=0, le=3600, description="Seconds a request may run: 60 by default for a cell node, 15 for docker."
+    )
     spec: str = Field("c1.4", description="Instance spec from the server's table ('cellnode spec list').")
     zones: Zones | None = Field(
         None, min_length=1, description="Zones to spread instances over, in turn; default: every zone of the backend."
     )
     maintenance_limit: int = Field(1, ge=1, le=MAX_INSTANCES, description="Instances replaced at once in a roll.")
-    state: StatePolicy = Field("isolated", description=STATE_HELP)
+    state: StatePolicy | None = Field(None, description=STATE_HELP)
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Requests that may wait for a busy node; past that, 429. Defaults to 64."
     )
     secrets: list[str] | None = Field(None, max_length=MAX_NODE_SECRETS, description=SECRETS_HELP)
+    container: ContainerDecl | None = Field(None, description="Docker nodes: the image and how it serves.")
+    kernel_image: KernelImageDecl | None = Field(
+        None, description="Cell nodes: run the instances in this image instead of the server's Python."
+    )
+
+    @model_validator(mode="after")
+    def _kind(self) -> NodeCreate:
+        kind = self.type or ("docker" if self.container is not None else "cell")
+        if kind == "docker":
+            if self.container is None:
+                raise ValueError("a docker node needs 'container' with its image and port (--image REF --port P)")
+            for key in CELL_ONLY:
+                if key in self.model_fields_set and getattr(self, key) not in (None, []):
+                    raise ValueError(
+                        f"{key} is a cell node's setting; a docker node runs its image and passes requests through, "
+                        f"so drop {key}"
+                    )
+        else:
+            if self.container is not None:
+                raise ValueError("'container' is a docker node's setting; give type 'docker', or drop it")
+            if self.checkpoint is None:
+                raise ValueError("a cell node needs 'checkpoint': the ID or pinned name of its checkpoint")
+            if not self.outputs:
+                raise ValueError("a cell node needs at least one output variable (--output NAME:TYPE)")
+        self.type = kind
+        if self.timeout is None:
+            self.timeout = ENDPOINT_TIMEOUT if kind == "docker" else CELL_TIMEOUT
+        if self.state is None and kind == "cell":
+            self.state = "isolated"
+        return self
 
 
 class NodeUpdate(_Scaling):
@@ -214,6 +253,10 @@ class NodeUpdate(_Scaling):
     roll: bool = Field(
         False, description="Roll the instances even if nothing else asks for it (to pick up changed secret values)."
     )
+    container: ContainerPatch | None = Field(None, description="Docker nodes: the container fields to change; rolls.")
+    kernel_image: KernelImageDecl | None = Field(
+        None, description="Cell nodes: a new kernel image (null: the server's Python again); rolls."
+    )
 
 
 class InstanceOut(_Out):
@@ -236,6 +279,8 @@ class NodeOut(_Out):
     description: str
     type: str
     checkpoint_id: str | None
+    container: dict[str, Any] | None = Field(None, description="A docker node's image, endpoint, checks, telemetry.")
+    kernel_image: dict[str, Any] | None = Field(None, description="A cell node's kernel image, if it has one.")
     inputs: list[VariableDecl]
     outputs: list[VariableDecl]
     acl: list[str]
@@ -246,7 +291,7 @@ class NodeOut(_Out):
     max_queue: int
     spec: str
     zones: list[ZoneDecl]
-    state: str
+    state: str | None
     generation: int
     maintenance_limit: int
     rollout_error: str = Field("", description="Why the roll to `generation` stopped; the previous version serves.")

@@ -243,9 +243,16 @@ def delete_secret(ref: str, svc: ServicesDep, caller: CallerDep, folder_id: str 
 
 
 def nodes_using(session: Session, secret_id: str) -> list[tuple[str, str, str]]:
-    """(ID, name, folder) of each node, not being deleted, whose instances get the secret."""
-    rows = session.execute(select(Node.id, Node.name, Node.folder_id, Node.secrets).where(Node.status != "DELETING"))
-    return [(row.id, row.name, row.folder_id) for row in rows if secret_id in (row.secrets or [])]
+    """(ID, name, folder) of each node, not being deleted, whose instances get the secret or whose image is pulled
+    with it."""
+    rows = session.execute(
+        select(Node.id, Node.name, Node.folder_id, Node.secrets, Node.container).where(Node.status != "DELETING")
+    )
+    return [
+        (row.id, row.name, row.folder_id)
+        for row in rows
+        if secret_id in (row.secrets or []) or (row.container or {}).get("registry_password_secret") == secret_id
+    ]
 
 
 def resolve_secrets(session: Session, folder_id: str, refs: Sequence[str]) -> list[str]:

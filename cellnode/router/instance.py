@@ -62,6 +62,10 @@ class Instance:
         return self.handle.node_id
 
     @property
+    def pid(self) -> int | None:
+        return self.handle.pid
+
+    @property
     def is_alive(self) -> bool:
         """False once the instance died or its connection broke; a dead Instance never becomes alive again."""
         return self._is_alive

@@ -123,6 +123,7 @@ class ProxyInstance:
         self._is_alive = True
         self._closing: asyncio.Task[None] | None = None
         self._outstanding = 0
+        self.pid: int | None = None  # the container's main process, set by whoever started it
 
     @property
     def is_alive(self) -> bool:

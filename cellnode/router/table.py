@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cellnode.exceptions import NotFound, TooManyRequests, Unavailable
 from cellnode.router.alias import DEFAULT_PREFIX, AliasRoute
 
-if TYPE_CHECKING:
-    from cellnode.router.instance import Instance
+
+class Routable(Protocol):
+    """What the router reads of an instance: a cell node's `Instance`, or a docker node's `ProxyInstance` (HTTP) or
+    `GrpcProxyInstance`."""
+
+    timeout: float
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None:
+        """The instance's main process, as this machine sees it (for its memory gauge), if it is known."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class NodeRoute:
-    """One node as the front routes to it. The supervisor replaces `instances`; the API never touches them."""
+    """One node as the front routes to it. The supervisor replaces `instances`; the API never touches them.
+
+    `kind` is "cell" (the execute API: `inputs` and `outputs` are its variables) or "docker" (requests pass through to
+    the image's own service, which speaks `endpoint`: "http", "http2" or "grpc")."""
 
     node_id: str
     name: str
@@ -26,17 +52,24 @@ class NodeRoute:
     max_queue: int = 64
     status: str = "CREATED"
     status_message: str = ""
-    instances: list[Instance] = field(default_factory=list)
+    instances: list[Routable] = field(default_factory=list)
+    kind: str = "cell"
+    endpoint: str = ""
+    turn: int = field(default=0, repr=False)  # where `choose()` starts looking: ties go to each instance in turn
 
-    def choose(self) -> Instance:
-        """The live instance with the fewest outstanding requests.
+    def choose(self) -> Routable:
+        """The live instance with the fewest outstanding requests; among equals, each in turn.
 
         Unavailable when there is none; TooManyRequests when every instance is busy and `max_queue` requests
         already wait.
         """
-        best: Instance | None = None
+        best: Routable | None = None
         outstanding = alive = 0
-        for instance in self.instances:
+        instances = self.instances
+        count = len(instances)
+        self.turn = start = (self.turn + 1) % count if count > 1 else 0
+        for index in range(count):
+            instance = instances[(start + index) % count]
             if instance.is_alive:
                 alive += 1
                 outstanding += instance.outstanding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import json
 import logging
@@ -33,6 +34,7 @@ from cellnode.api import (
 )
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
+from cellnode.backends.container import ContainerBackend
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import BACKENDS, Settings
 from cellnode.iam.access import Access
@@ -91,6 +93,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             metrics=metrics,
             log_limits=(settings.log_retention_hours * 3600, settings.log_max_mb * 2**20),
             secret_box=secret_box,
+            containers=ContainerBackend(owner=container_owner(settings)),
         )
         app.state.services = Services(
             settings=settings,
@@ -165,6 +168,13 @@ async def start_grpc(svc: Services) -> GrpcFront:
     assert settings.grpc_port is not None
     await front.start(settings.host, settings.grpc_port, tls)
     return front
+
+
+def container_owner(settings: Settings) -> str:
+    """The `cellnode.owner` label of this server's containers: one per data directory, so that servers sharing an
+    engine never remove each other's containers as leftovers."""
+    digest = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:16]
+    return f"cellnode-{digest}"
 
 
 def load_backend(name: str) -> Backend:

@@ -148,7 +148,10 @@ class Node(Base):
     folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id"), index=True)
     name: Mapped[str] = mapped_column(String(63))
     description: Mapped[str] = mapped_column(Text, default="")
-    type: Mapped[str] = mapped_column(String(16), default="cell")
+    type: Mapped[str] = mapped_column(String(16), default="cell")  # "cell" or "docker"
+    # A docker node's image, registry, endpoint, health check and telemetry (`cellnode.api.containers`); for a cell
+    # node, the kernel image its instances run in (None: the server's own Python).
+    container: Mapped[dict[str, Any] | None]
     checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
     inputs: Mapped[list[Any]]  # [{"name", "type"}], in declaration order
     outputs: Mapped[list[Any]]

@@ -34,16 +34,19 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
+from cellnode.backends.container import ContainerBackend
+from cellnode.backends.health import HealthMonitor
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.exceptions import ConfigError, Unavailable
 from cellnode.iam.secrets import SecretBox
 from cellnode.router.alias import AliasRoute, Share, shift_away
 from cellnode.router.instance import Instance
-from cellnode.router.table import NodeRoute, RoutingTable
+from cellnode.router.table import NodeRoute, Routable, RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
 from cellnode.supervisor.aliases import load_alias_routes, write_rollback
 from cellnode.supervisor.autoscale import SAMPLE_INTERVAL, AutoscalePolicy, Scaler
+from cellnode.supervisor.launch import container_launch, proxy_instance, registry_auth
 from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
 from cellnode.telemetry.logs import prune_logs
 from cellnode.telemetry.metrics import Metrics
@@ -72,9 +75,10 @@ class LaunchFailed(Exception):
 @dataclass
 class _Running:
     handle: InstanceHandle
-    instance: Instance
+    instance: Routable  # a cell node's Instance, or a docker node's proxy
     spec: Spec
     watcher: asyncio.Task[None] | None = None
+    health: HealthMonitor | None = None  # a docker node's load-balancer check, while the instance is live
     hung: bool = False  # killed because it did not answer a liveness check
     over_memory: str = ""  # why it was killed for passing its memory cap
 
@@ -119,7 +123,9 @@ class Supervisor:
         metrics: Metrics | None = None,
         log_limits: tuple[float, int] = (7 * 86_400.0, 200 * 2**20),
         secret_box: SecretBox | None = None,
+        containers: ContainerBackend | None = None,
     ) -> None:
+        self._containers = containers  # docker nodes' instances (the engine is reached at their first start)
         self._secret_box = secret_box  # decrypts nodes' secrets into their instances' environment
         self._log_retention, self._log_max_bytes = log_limits
         self._liveness_interval, self._liveness_timeout = liveness
@@ -147,6 +153,7 @@ class Supervisor:
         """Load the routing table from the store and start reconciling in the background."""
         self._loop = asyncio.get_running_loop()
         previous = await asyncio.to_thread(self._mark_restarting)
+        await self._remove_leftover_containers()
         await self.reconcile()
         self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
         self._spawn(self._check_liveness(), "cellnode-liveness")
@@ -180,6 +187,21 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_node(node_id) for node_id in list(self._nodes)), return_exceptions=True)
         await self._backend.close()
+        if self._containers is not None:
+            await self._containers.close()
+
+    async def _remove_leftover_containers(self) -> None:
+        """A previous run that died left its containers running (they hold ports, and may answer): remove them."""
+        uses_containers = await asyncio.to_thread(self._has_docker_nodes)
+        if self._containers is None or not uses_containers:
+            return
+        try:
+            removed = await self._containers.remove_leftovers()
+        except InstanceFailed as exc:  # the engine is unreachable: the nodes will say so when they start
+            logger.warning("Could not look for a previous run's containers: %s", exc)
+            return
+        if removed:
+            logger.warning("Removed %d container(s) a previous run left: %s.", len(removed), ", ".join(removed))
 
     async def _run(self) -> None:
         while True:
@@ -192,19 +214,19 @@ class Supervisor:
                 logger.exception("Reconcile failed; retrying in %.0f s.", RECONCILE_INTERVAL)
 
     async def _check_liveness(self) -> None:
-        """Every interval, ask each idle instance for a PONG; one that does not answer in time is killed (and so
-        replaced), with the reason recorded."""
+        """Every interval, ask each idle cell instance for a PONG; one that does not answer in time is killed (and so
+        replaced), with the reason recorded. (A docker node's instances have their health checks instead.)"""
         while True:
             await asyncio.sleep(self._liveness_interval)
             checks = [
-                (node_id, slot.running)
+                (node_id, slot.running, slot.running.instance)
                 for node_id, state in self._nodes.items()
                 for slot in state.slots.values()
-                if slot.running is not None
+                if slot.running is not None and isinstance(slot.running.instance, Instance)
             ]
-            answers = await asyncio.gather(*(running.instance.ping(self._liveness_timeout) for _, running in checks))
-            for (node_id, running), is_alive in zip(checks, answers, strict=True):
-                if not is_alive and running.instance.is_alive and not running.hung:
+            answers = await asyncio.gather(*(instance.ping(self._liveness_timeout) for _, _, instance in checks))
+            for (node_id, running, instance), is_alive in zip(checks, answers, strict=True):
+                if not is_alive and instance.is_alive and not running.hung:
                     running.hung = True
                     logger.error(
                         "Node %s: instance %s did not answer a liveness check within %g s; replacing it.",
@@ -252,8 +274,8 @@ class Supervisor:
     def _account(self, node_id: str, running: _Running, elapsed: float) -> None:
         if self._metrics is not None:
             self._metrics.usage_units.labels(node_id, running.spec.name).inc(elapsed * running.spec.units_per_second)
-        if running.over_memory or not running.instance.is_alive:
-            return
+        if running.over_memory or not isinstance(running.instance, Instance) or not running.instance.is_alive:
+            return  # a container's memory limit is the engine's to enforce
         used = resident_bytes(running.handle.pid)
         if used is not None and used > running.spec.memory_cap:
             running.over_memory = (
@@ -511,6 +533,10 @@ class Supervisor:
                 logger.warning("Instance %s of a previous run (pid %d) did not exit; forgetting it.", instance_id, pid)
             await asyncio.to_thread(self._drop_instance, instance_id)
 
+    def _has_docker_nodes(self) -> bool:
+        with self._db.session() as session:
+            return session.scalar(select(Node.id).where(Node.type == "docker").limit(1)) is not None
+
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
             return list(session.scalars(select(Node)))
@@ -590,10 +616,14 @@ class Supervisor:
         with self._db.session() as session:
             session.execute(update(Node).where(Node.id == node_id).values(rollout_error=error))
 
-    def _write_instance_status(self, instance_id: str, status: str, pid: int | None = None) -> None:
+    def _write_instance_status(
+        self, instance_id: str, status: str, pid: int | None = None, error: str | None = None
+    ) -> None:
         values: dict[str, Any] = {"status": status, "status_since": utcnow()}
         if pid is not None:
             values["pid"] = pid
+        if error is not None:
+            values["last_error"] = error
         with self._db.session() as session:
             session.execute(update(InstanceRow).where(InstanceRow.id == instance_id).values(**values))
         known = self._statuses.get(instance_id)
@@ -627,7 +657,11 @@ class Supervisor:
             status=current.status if current else node.status,
             status_message=current.status_message if current else node.status_message,
             instances=current.instances if current else [],
+            kind=node.type,
+            endpoint=(node.container or {}).get("endpoint", "") if node.type == "docker" else "",
         )
+        for instance in route.instances:
+            instance.timeout = node.timeout  # an update may have changed it; no new instance needed
         self._table.put(route)
 
     def _publish(self, node_id: str) -> None:
@@ -642,7 +676,7 @@ class Supervisor:
         state, route = self._nodes.get(node_id), self._table.find(node_id)
         if state is None or route is None or state.failed:
             return
-        healthy = sum(1 for slot in state.slots.values() if slot.running is not None)
+        healthy = sum(1 for slot in state.slots.values() if slot.running is not None and slot.running.instance.is_alive)
         wanted = len(state.slots)
         # Enough: the node's minimum (a fixed count's minimum is the count), or every slot if fewer are wanted.
         if healthy >= max(1, min(wanted, state.bounds[1])):
@@ -681,16 +715,21 @@ class Supervisor:
             spec = await asyncio.to_thread(self._instance_spec, node, instance_id, zone)
             await asyncio.to_thread(self._create_instance, node, instance_id, slot, zone["zone"])
             began = time.monotonic()
-            handle = await self._backend.start(spec)
+            handle = await self._backend_of(node).start(spec)
             await asyncio.to_thread(self._write_instance_status, instance_id, "STARTED")
-            instance = Instance(handle, timeout=node.timeout)
+            instance: Routable | None = None
             try:
                 await handle.wait_started(self._start_timeout)
                 await asyncio.to_thread(self._write_instance_status, instance_id, "PREPARING", handle.pid)
                 await handle.wait_ready(max(0.0, self._start_timeout - (time.monotonic() - began)))
-                await instance.connect()
+                if node.type == "docker":
+                    instance = proxy_instance(node, instance_id, handle.address, handle.pid)
+                else:
+                    instance = Instance(handle, timeout=node.timeout)
+                    await instance.connect()
             except BaseException:
-                instance.close()
+                if instance is not None:
+                    instance.close()
                 await handle.stop()
                 raise
         except (InstanceFailed, Unavailable) as exc:
@@ -729,12 +768,34 @@ class Supervisor:
         await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "HEALTHY", running.handle.pid)
         await self._update_node_status(node.id)
 
+    def _backend_of(self, node: Node) -> Backend:
+        if node.type != "docker":
+            return self._backend
+        if self._containers is None:
+            raise InstanceFailed(
+                f"Node {node.id!r} is a docker node, and this server runs no container backend.", permanent=True
+            )
+        return self._containers
+
     def _instance_spec(self, node: Node, instance_id: str, zone: dict[str, str]) -> InstanceSpec:
         spec = self._specs.get(node.spec)
         if spec is None:
             raise InstanceFailed(
                 f"Spec {node.spec!r} of the node is not in this server's spec table; add it back to the table, "
                 "or update the node to another spec."
+            )
+        if node.type == "docker":
+            with self._db.session() as session:
+                auth = registry_auth(session, self._secret_box, node)
+                secrets = self._secret_env(session, node)
+            return InstanceSpec(
+                node_id=node.id,
+                instance_id=instance_id,
+                launch=container_launch(node, spec, self._cpus, auth),
+                log_path=self._logs_dir / node.id,
+                env={**secrets, **spec.environment(self._cpus)},
+                zone=zone["zone"],
+                subnet=zone.get("subnet", ""),
             )
         with self._db.session() as session:
             checkpoint = session.get(Checkpoint, node.checkpoint_id)
@@ -777,17 +838,31 @@ class Supervisor:
             raise InstanceFailed(f"The node's secrets cannot be given to the instance: {exc}") from exc
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
-        code = await running.handle.wait()
+        check = getattr(running.handle, "health_check", None)
+        health = None
+        if check is not None:
+            running.health = HealthMonitor(check, healthy=True)
+            health = self._spawn(
+                running.health.run(lambda healthy, why: self._health_changed(node_id, running, healthy, why)),
+                f"health-{running.handle.instance_id}",
+            )
+        try:
+            code = await running.handle.wait()
+        finally:
+            if health is not None:
+                health.cancel()
         state = self._nodes.get(node_id)
         if self._closing or state is None or slot.running is not running:
             return
         slot.running = None
-        # Not instance.close(): a request still on it learns of the death from its broken connection, with the
-        # exit code, rather than "taken out of service".
+        # Not a cell instance's close(): a request still on it learns of the death from its broken connection, with
+        # the exit code, rather than "taken out of service". A proxy's requests have failed already.
+        if not isinstance(running.instance, Instance):
+            running.instance.close()
         self._publish(node_id)
         await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
         slot.restarts += 1
-        if running.instance.killed_by_front:
+        if isinstance(running.instance, Instance) and running.instance.killed_by_front:
             # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
             self._count_restart(node_id, "timeout")
             slot.last_error = "Killed after a request timed out and the cell ignored the interrupt."
@@ -809,10 +884,34 @@ class Supervisor:
             self._count_restart(node_id, "memory")
             await self._crashed(node_id, slot, running.over_memory, permanent=False)
             return
+        if getattr(running.handle, "oom_killed", False):
+            self._count_restart(node_id, "memory")
+            limit = getattr(running.handle, "memory_bytes", None)
+            reason = (
+                f"Instance {running.handle.instance_id} passed its container's memory limit ({limit} bytes), so the "
+                "engine killed it. Give the node more memory (--memory, or a larger spec), or make its service use "
+                "less."
+            )
+            await self._crashed(node_id, slot, reason, permanent=False)
+            return
         self._count_restart(node_id, "crash")
         reason = f"Instance {running.handle.instance_id} exited with code {code}"
         last = running.handle.last_log_line()
         await self._crashed(node_id, slot, f"{reason}: {last}" if last else reason, permanent=False)
+
+    async def _health_changed(self, node_id: str, running: _Running, healthy: bool, why: str) -> None:
+        """A docker node's instance passed or failed its health check enough times in a row: in or out of rotation."""
+        instance_id = running.handle.instance_id
+        running.instance.is_alive = healthy  # type: ignore[misc]  # a proxy's is settable
+        if healthy:
+            logger.info("Node %s: instance %s passes its health check again; back in rotation.", node_id, instance_id)
+        else:
+            logger.warning(
+                "Node %s: instance %s failed its health check (%s); out of rotation.", node_id, instance_id, why
+            )
+        status, error = ("HEALTHY", "") if healthy else ("UNHEALTHY", f"Failed its health check: {why}")
+        await asyncio.to_thread(self._write_instance_status, instance_id, status, None, error)
+        await self._update_node_status(node_id)
 
     def _count_restart(self, node_id: str, reason: str) -> None:
         if self._metrics is not None:
@@ -851,7 +950,7 @@ class Supervisor:
         state = self._nodes.pop(node_id, None)
         if state is not None:
             await asyncio.gather(*(self._stop_slot(node_id, slot) for slot in state.slots.values()))
-        await self._backend.release(node_id)
+        await self._backend.release(node_id)  # (the container backend keeps nothing per node)
 
     async def _delete(self, node_id: str) -> None:
         self._table.remove(node_id)

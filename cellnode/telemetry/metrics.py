@@ -195,7 +195,7 @@ class _InstanceCollector(Collector):
             queued.add_metric([route.node_id], max(0, outstanding - len(live)))
             healthy.add_metric([route.node_id, route.status], 1 if route.status == "HEALTHY" else 0)
             for instance in live:
-                pss = _pss_bytes(instance.handle.pid)
+                pss = _pss_bytes(instance.pid)
                 if pss is not None:
                     memory.add_metric([route.node_id, instance.instance_id], pss)
         by_status = GaugeMetricFamily(

@@ -1,0 +1,96 @@
+"""What the supervisor gives a backend to start an instance of a docker node, and what the front routes to once it
+is ready (a cell node's launch spec is built in `Supervisor._instance_spec`).
+
+A docker node's stored container settings (`cellnode.api.containers`) become the container backend's
+`launch["container"]` (`cellnode.backends.container`): the spec's CPUs and RAM as limits (the node's own memory
+limit when it has one), its registry password decrypted from its secret, its health check and telemetry ports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from sqlalchemy.orm import Session
+
+from cellnode.backends.base import InstanceFailed
+from cellnode.exceptions import ConfigError
+from cellnode.iam.secrets import SecretBox
+from cellnode.router.proxy import DEFAULT_LIMITS, ProxyInstance
+from cellnode.store.models import Node, Secret
+from cellnode.supervisor.specs import Spec
+
+
+def registry_auth(session: Session, box: SecretBox | None, node: Node) -> dict[str, str] | None:
+    """The node's registry credentials, the password read from its secret now; None without them."""
+    container = node.container or {}
+    secret_id = container.get("registry_password_secret")
+    if secret_id is None:
+        return None
+    secret = session.get(Secret, secret_id)
+    if secret is None:
+        raise InstanceFailed(
+            f"Secret {secret_id!r}, which holds the registry password of node {node.id!r}, no longer exists. Give the "
+            f"node another: 'cellnode node update {node.id} --registry-password-secret NAME'.",
+            permanent=True,
+        )
+    assert box is not None, "a server with secrets gives its supervisor a SecretBox"
+    try:
+        password = box.decrypt(secret)
+    except ConfigError as exc:  # names the secret, never its value
+        raise InstanceFailed(f"The node's registry password cannot be read: {exc}", permanent=True) from exc
+    return {"username": container["registry_username"], "password": password}
+
+
+def container_launch(node: Node, spec: Spec, cpus_here: int, auth: dict[str, str] | None) -> dict[str, Any]:
+    """The container backend's launch spec of one instance of a docker node."""
+    container = node.container
+    assert container is not None and node.type == "docker", "a docker node has container settings"
+    check = container.get("healthcheck")
+    telemetry = container.get("telemetry")
+    return {
+        "container": {
+            "image": container["image"],
+            "registry_auth": auth,
+            "endpoint": container["endpoint"],
+            "port": container["port"],
+            "healthcheck": None
+            if check is None
+            else {
+                "kind": check["type"],
+                "port": check["port"],
+                "path": check["path"],
+                "timeout": check["timeout"],
+                "interval": check["interval"],
+                "fails_threshold": check["fails_threshold"],
+                "passes_threshold": check["passes_threshold"],
+            },
+            "telemetry": None if telemetry is None else {"path": telemetry["path"], "port": telemetry["port"]},
+            "memory_bytes": container.get("memory_bytes") or spec.memory_cap,
+            "cpus": float(max(1, min(spec.vcpu, cpus_here))),
+            "command": container.get("command"),
+            "assign_ports": not container.get("fixed_ports", False),
+            **({"disk_bytes": container["disk_bytes"]} if container.get("disk_bytes") else {}),
+        }
+    }
+
+
+def proxy_instance(node: Node, instance_id: str, address: str, pid: int | None) -> Any:
+    """What the front routes a docker node's requests to: an HTTP proxy, or a gRPC one for a gRPC endpoint."""
+    container = node.container
+    assert container is not None, "a docker node has container settings"
+    idle = float(container.get("idle_timeout", 300.0))
+    instance: Any
+    if container["endpoint"] == "grpc":
+        from cellnode.grpc.passthrough import GrpcProxyInstance
+
+        instance = GrpcProxyInstance(instance_id, node.id, address, node.timeout, idle_timeout=idle)
+    else:
+        limits = httpx.Limits(
+            max_connections=DEFAULT_LIMITS.max_connections,
+            max_keepalive_connections=DEFAULT_LIMITS.max_keepalive_connections,
+            keepalive_expiry=idle,
+        )
+        instance = ProxyInstance(instance_id, node.id, address, container["endpoint"], node.timeout, limits=limits)
+    instance.pid = pid
+    return instance
