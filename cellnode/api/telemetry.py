@@ -33,25 +33,46 @@ async def metrics(svc: ServicesDep, caller: CallerDep) -> Response:
 
 def only_visible(text: bytes, nodes: set[str], aliases: set[str]) -> bytes:
     """The exposition without the samples of aliases not in `aliases` and, for samples that name no alias, of nodes
-    not in `nodes` (comment lines and other series stay)."""
+    not in `nodes` (comment lines and other series stay). Labels are read as Prometheus writes them, so that a label
+    value, or a scraped instance's own label such as `exported_node_id`, cannot pass for ours."""
     kept = []
     for line in text.split(b"\n"):
-        if not line.startswith(b"#"):
-            alias = _label(line, b'alias_name="')
+        if line and not line.startswith(b"#"):
+            labels = _labels(line)
+            if labels is None:
+                continue  # not as prometheus_client writes: shown to nobody but an admin
+            alias = labels.get("alias_name")
             if alias is not None:
                 if alias not in aliases:
                     continue
             else:
-                node = _label(line, b'node_id="')
+                node = labels.get("node_id")
                 if node is not None and node not in nodes:
                     continue
         kept.append(line)
     return b"\n".join(kept)
 
 
-def _label(line: bytes, key: bytes) -> str | None:
-    start = line.find(key)
+def _labels(line: bytes) -> dict[str, str] | None:
+    """The labels of a sample line, `name{a="x",b="y\\"z"} 1`, with their values as written (escapes kept); None
+    for a line that is not well formed."""
+    labels: dict[str, str] = {}
+    start = line.find(b"{")
     if start == -1:
-        return None
-    start += len(key)
-    return line[start : line.find(b'"', start)].decode()
+        return labels
+    position, end = start + 1, len(line)
+    while position < end and line[position : position + 1] != b"}":
+        equals = line.find(b'="', position)
+        if equals == -1:
+            return None
+        name = line[position:equals].decode()
+        value_start = position = equals + 2
+        while position < end and line[position : position + 1] != b'"':
+            position += 2 if line[position : position + 1] == b"\\" else 1
+        if position >= end:
+            return None
+        labels[name] = line[value_start:position].decode()
+        position += 1
+        if line[position : position + 1] == b",":
+            position += 1
+    return labels

@@ -59,3 +59,24 @@ def test_instance_gauges(server: ServerProcess, randomizer: dict[str, Any]) -> N
 
 def test_metrics_need_a_credential(server: ServerProcess) -> None:
     assert httpx.get(server.url + "/metrics").status_code == 401
+
+
+def test_only_visible_reads_labels_as_written_so_a_scraped_label_cannot_pass_for_ours() -> None:
+    from cellnode.api.telemetry import only_visible
+
+    text = (
+        b"# HELP m a metric\n"
+        b'm{exported_node_id="mine",instance_id="i1",node_id="theirs"} 1\n'  # an instance's own label, sorted first
+        b'm{node_id="theirs",path="x,node_id=\\"mine\\""} 2\n'  # a value that looks like a label
+        b'm{exported_alias_name="a.mine",node_id="mine"} 3\n'
+        b'm{node_id="mine"} 4\n'
+        b'm{node_id="mine} 5\n'  # not well formed: shown to nobody but an admin
+        b"plain 6\n"
+    )
+    assert only_visible(text, {"mine"}, set()).split(b"\n") == [
+        b"# HELP m a metric",
+        b'm{exported_alias_name="a.mine",node_id="mine"} 3',
+        b'm{node_id="mine"} 4',
+        b"plain 6",
+        b"",
+    ]
