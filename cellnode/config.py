@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     log_max_mb: int = Field(
         200, ge=1, description="MB of log files kept per node; the oldest ended instances' go first. Default 200."
     )
+    telemetry_interval: float = Field(
+        15.0, gt=0, le=3600, description="Seconds between scrapes of docker nodes' metrics pages. Defaults to 15."
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS (with tls_key).")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
     insecure: bool = Field(

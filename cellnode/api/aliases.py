@@ -40,6 +40,7 @@ def create_alias(body: AliasCreate, svc: ServicesDep, caller: CallerDep) -> Alia
         nodes = _resolve(session, svc, caller, body.nodes, folder.id)
         mirrors = _resolve(session, svc, caller, body.mirrors or [], folder.id)
         _check_mirrors(nodes, mirrors)
+        _check_kinds(session, nodes, mirrors)
         row = Alias(
             folder_id=folder.id,
             prefix=prefix,
@@ -101,6 +102,7 @@ def update_alias(
                 row.mirrors = _resolve(session, svc, caller, body.mirrors, row.folder_id)
             if body.nodes is not None or body.mirrors is not None:
                 _check_mirrors(row.nodes, row.mirrors)
+                _check_kinds(session, row.nodes, row.mirrors)
             if body.public is not None:
                 row.public = body.public
                 if body.public:
@@ -327,3 +329,33 @@ def _check_mirrors(nodes: list[dict[str, Any]], mirrors: list[dict[str, Any]]) -
                 "a copy of a request would often go to the node that answers it. Give it 0 in --node, or mirror "
                 "another node."
             )
+
+
+def _check_kinds(session: Session, nodes: list[dict[str, Any]], mirrors: list[dict[str, Any]]) -> None:
+    """An alias's callers speak one API: its nodes are all cell nodes, or all docker nodes of one protocol (HTTP,
+    or gRPC); and only cell nodes' answers can be compared, so only they can be mirrored."""
+    found = {node.id: node for node in session.scalars(select(Node).where(Node.id.in_(_ids(nodes, mirrors))))}
+
+    def kind(share: dict[str, Any]) -> str:
+        node = found[share["node_id"]]
+        if node.type != "docker":
+            return "cell node"
+        return "gRPC docker node" if (node.container or {}).get("endpoint") == "grpc" else "HTTP docker node"
+
+    first = nodes[0]
+    for share in (*nodes[1:], *mirrors):
+        if kind(share) != kind(first):
+            raise InvalidArgument(
+                f"Node {found[share['node_id']].name!r} is a {kind(share)} and {found[first['node_id']].name!r} a "
+                f"{kind(first)}: an alias's callers speak one API, so its nodes must be of one kind. Make an alias "
+                "for each kind."
+            )
+    if mirrors and kind(first) != "cell node":
+        raise InvalidArgument(
+            "Mirrors compare the outputs of cell nodes; a docker node's answers are its service's own, so an alias of "
+            "docker nodes takes no --mirror. Drop the mirrors."
+        )
+
+
+def _ids(*share_lists: list[dict[str, Any]]) -> list[str]:
+    return [share["node_id"] for shares in share_lists for share in shares]

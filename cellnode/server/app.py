@@ -48,6 +48,7 @@ from cellnode.supervisor.autoscale import AutoscalePolicy
 from cellnode.supervisor.specs import count_gpus, load_specs
 from cellnode.supervisor.supervisor import Supervisor
 from cellnode.telemetry.metrics import Metrics
+from cellnode.telemetry.scrape import Scraper
 
 if TYPE_CHECKING:
     from cellnode.grpc.front import GrpcFront
@@ -78,6 +79,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         specs = load_specs(settings.specs_file)
         backend = load_backend(settings.backend)
         metrics = Metrics(table)
+        scraper = Scraper(metrics.registry, interval=settings.telemetry_interval)
         supervisor = Supervisor(
             db,
             backend,
@@ -94,6 +96,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             log_limits=(settings.log_retention_hours * 3600, settings.log_max_mb * 2**20),
             secret_box=secret_box,
             containers=ContainerBackend(owner=container_owner(settings)),
+            scraper=scraper,
         )
         app.state.services = Services(
             settings=settings,
@@ -113,6 +116,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             audit=AuditLog(db),
             secret_box=secret_box,
         )
+        await scraper.start()
         await supervisor.start()
         grpc_front = None
         try:
@@ -129,6 +133,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             # After the last request, and first: the audit rows still queued are written whatever fails next.
             await asyncio.to_thread(app.state.services.audit.close)
             await supervisor.close()
+            await scraper.aclose()
             app.state.services.captures.shutdown(wait=False, cancel_futures=True)
             db.close()
 

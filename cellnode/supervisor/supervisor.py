@@ -50,6 +50,7 @@ from cellnode.supervisor.launch import container_launch, proxy_instance, registr
 from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
 from cellnode.telemetry.logs import prune_logs
 from cellnode.telemetry.metrics import Metrics
+from cellnode.telemetry.scrape import Scraper
 
 logger = logging.getLogger("cellnode.supervisor")
 
@@ -124,7 +125,9 @@ class Supervisor:
         log_limits: tuple[float, int] = (7 * 86_400.0, 200 * 2**20),
         secret_box: SecretBox | None = None,
         containers: ContainerBackend | None = None,
+        scraper: Scraper | None = None,
     ) -> None:
+        self._scraper = scraper  # docker nodes' metrics pages
         self._containers = containers  # docker nodes' instances (the engine is reached at their first start)
         self._secret_box = secret_box  # decrypts nodes' secrets into their instances' environment
         self._log_retention, self._log_max_bytes = log_limits
@@ -838,6 +841,13 @@ class Supervisor:
             raise InstanceFailed(f"The node's secrets cannot be given to the instance: {exc}") from exc
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
+        """While the instance runs: its health checks and metrics scrapes (a docker node's); then, once it has ended
+        without being asked to, its replacement."""
+        instance_id = running.handle.instance_id
+        telemetry_port = getattr(running.handle, "telemetry_port", None)
+        if self._scraper is not None and telemetry_port is not None:
+            path = getattr(running.handle, "telemetry_path", "/metrics")
+            self._scraper.add(node_id, instance_id, f"http://127.0.0.1:{telemetry_port}{path}")
         check = getattr(running.handle, "health_check", None)
         health = None
         if check is not None:
@@ -851,6 +861,8 @@ class Supervisor:
         finally:
             if health is not None:
                 health.cancel()
+            if self._scraper is not None:
+                self._scraper.remove(instance_id)
         state = self._nodes.get(node_id)
         if self._closing or state is None or slot.running is not running:
             return

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.docker_engine import Engine, Registry, add_file_layer, push_image
 from tests.helpers import ServerProcess
@@ -72,7 +73,7 @@ def images(docker_engine: Engine, service_image: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(docker_engine: Engine, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    env = {"DOCKER_HOST": docker_engine.host, "CELLNODE_RECONCILE_INTERVAL": "0.5"}
+    env = {"DOCKER_HOST": docker_engine.host, "CELLNODE_TELEMETRY_INTERVAL": "0.5"}
     process = ServerProcess(tmp_path_factory.mktemp("server"), env=env).start()
     yield process
     process.stop()
@@ -123,6 +124,16 @@ def api(server: ServerProcess) -> Iterator[Api]:
     client.http.close()
 
 
+def _samples(text: str, name: str, node_id: str) -> dict[str, float]:
+    """The values of a metric's samples of one node, by instance."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("node_id") == node_id:
+                found[sample.labels["instance_id"]] = sample.value
+    return found
+
+
 def _example(**extra: Any) -> dict[str, Any]:
     return {
         "image": EXAMPLE_IMAGE,
@@ -156,6 +167,14 @@ def test_the_example_node_serves_through_the_header_form_on_two_instances(api: A
     # The service's own errors come back as they are.
     assert api.call(node["id"], "POST", "/predict", json={"values": []}).status_code == 422
 
+    # Each instance's own metrics, scraped onto cellnode's /metrics with the node's and the instance's IDs.
+    deadline = time.monotonic() + 10
+    counts: dict[str, float] = {}
+    while sum(counts.values()) < 8:
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.3)
+        counts = _samples(api.http.get("/metrics").text, "predictions_total", node["id"])
+    assert set(counts) == seen
     containers = docker_engine.client.containers.list(filters={"label": f"cellnode.node_id={node['id']}"})
     assert len(containers) == 2
     assert {c.attrs["HostConfig"]["NetworkMode"] for c in containers} == {"host"}
