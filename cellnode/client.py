@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,24 @@ from urllib.parse import quote
 
 import httpx
 
+from cellnode._sizes import parse_size
 from cellnode.config import DEFAULT_PORT, default_profile_path
-from cellnode.exceptions import APIError, ConfigError, InternalError, NotFound, TransportError
+from cellnode.exceptions import (
+    ERROR_DOMAIN,
+    ERROR_INFO_TYPE,
+    APIError,
+    ConfigError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    TransportError,
+)
 from cellnode.iam.formats import authorization
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 ROUTE_KEY_HEADER = "x-cellnode-route-key"
+OWN_PREFIXES = ("/cellnode/v1/", "/datasphere/v1/")  # cellnode's own API: never passed through to a node
+SIZE_FIELDS = ("memory_bytes", "disk_bytes")
 Variables = dict[str, str] | list[tuple[str, str]] | list[dict[str, str]]
 # An alias's nodes (or mirrors) and their whole percents: {"churn-v1": 90, "churn-v2": 10}, or the same as pairs.
 Shares = dict[str, int] | list[tuple[str, int]]
@@ -65,6 +80,8 @@ class Client:
         self.url, self._token = resolve_connection(url, token)
         headers = {"Authorization": authorization(self._token)} if self._token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # `request()`'s pass-through headers by (node, folder_id, alias): one lookup per node and client.
+        self._targets: dict[tuple[str, str | None, bool], dict[str, str]] = {}
 
     def close(self) -> None:
         self._http.close()
@@ -260,9 +277,11 @@ class Client:
         self,
         name: str,
         *,
-        checkpoint: str,
-        inputs: Variables,
-        outputs: Variables,
+        checkpoint: str | None = None,
+        inputs: Variables | None = None,
+        outputs: Variables | None = None,
+        container: dict[str, Any] | None = None,
+        kernel_image: str | dict[str, Any] | None = None,
         description: str = "",
         folder_id: str | None = None,
         acl: list[str] | None = None,
@@ -279,22 +298,30 @@ class Client:
         wait: bool = True,
         wait_timeout: float = 180.0,
     ) -> dict[str, Any]:
-        """Create a cell node; with `wait`, return once it is HEALTHY (or raise if it FAILED).
+        """Create a node; with `wait`, return once it is HEALTHY (or raise InternalError with the reason if it FAILED).
+
+        A cell node takes `checkpoint` (a pinned checkpoint's name or ID) and `outputs` (and `inputs`), and may take
+        a `kernel_image` to run in: an image reference, or `{"image", "registry_username",
+        "registry_password_secret"}`. A docker node takes `container`, the API's container object (see
+        `create_docker_node`, which builds it); its `memory_bytes` and `disk_bytes` may be size strings ("2G").
 
         `instances` fixes the number of instances; `min_instances`/`max_instances` let the autoscaler move it.
         `zones` are `ZONE` or `ZONE:SUBNET` strings; instances are spread over them in turn. `secrets` names secrets
-        of the node's folder; its instances get each as an environment variable of the secret's name.
+        of the node's folder; its instances get each as an environment variable of the secret's name. `timeout` is
+        the seconds a request may run: 60 by default for a cell node, 15 for a docker node.
+
+        Example:
+            >>> client.create_node("randomizer-node", checkpoint="randomizer-checkpoint",
+            ...                    inputs={"input_data": "dict"}, outputs={"output_data": "dict"})["status"]
+            'HEALTHY'
         """
-        body: dict[str, Any] = {
-            "name": name,
-            "checkpoint": checkpoint,
-            "inputs": _variables(inputs),
-            "outputs": _variables(outputs),
-            "description": description,
-            "folder_id": folder_id,
-            "acl": acl,
-        }
+        body: dict[str, Any] = {"name": name, "description": description, "folder_id": folder_id, "acl": acl}
         optional = (
+            ("checkpoint", checkpoint),
+            ("inputs", _variables(inputs) if inputs is not None else None),
+            ("outputs", _variables(outputs) if outputs is not None else None),
+            ("container", _container_sizes(container)),
+            ("kernel_image", _kernel_image(kernel_image)),
             ("timeout", timeout),
             ("instance_count", instances),
             ("min_instances", min_instances),
@@ -311,6 +338,97 @@ class Client:
                 body[key] = value
         node = self._request("POST", "/cellnode/v1/nodes", json=body)
         return self.wait_node(node["id"], timeout=wait_timeout) if wait else node
+
+    def create_docker_node(
+        self,
+        name: str,
+        *,
+        image: str,
+        port: int,
+        endpoint: str = "http",
+        registry_username: str | None = None,
+        registry_password_secret: str | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        memory: int | str | None = None,
+        disk: int | str | None = None,
+        command: list[str] | str | None = None,
+        fixed_ports: bool = False,
+        telemetry: dict[str, Any] | bool | None = None,
+        healthcheck: dict[str, Any] | None = None,
+        description: str = "",
+        folder_id: str | None = None,
+        acl: list[str] | None = None,
+        instances: int | None = None,
+        min_instances: int | None = None,
+        max_instances: int | None = None,
+        max_queue: int | None = None,
+        spec: str | None = None,
+        zones: list[str] | None = None,
+        maintenance_limit: int | None = None,
+        secrets: list[str] | None = None,
+        wait: bool = True,
+        wait_timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Create a docker node: its instances run `image`, and requests with its `x-node-id` header pass through to
+        the service (`request()`). With `wait`, return once it is HEALTHY (the image pulled, the service up).
+
+        Parameters:
+            image: `[REGISTRY[:PORT]/]PATH[:TAG][@sha256:DIGEST]`.
+            port: the port the service listens on; the instance gets it as $PORT too (see `fixed_ports`).
+            endpoint: what it speaks there: "http" (HTTP/1.1), "http2" (h2c) or "grpc".
+            registry_username: the registry user; "json_key" when only `registry_password_secret` is given.
+            registry_password_secret: a secret of the node's folder (name or ID) holding the registry password.
+            timeout: seconds an answer may take to start (15).
+            idle_timeout: seconds an idle connection to an instance is kept open (300).
+            memory: each container's memory limit, swap included: bytes or a size ("512M", "2G", "1.5GiB"; powers
+                of 1024). Default: the spec's RAM, which is also the most it may be.
+            disk: each container's writable layer size, bytes or a size; needs an engine that can limit it.
+            command: the command to run instead of the image's own: a list, or a string split as a shell would.
+            fixed_ports: the image listens on `port` whatever $PORT says: then one instance per machine.
+            telemetry: where it serves Prometheus metrics: True for `/metrics` on `port`, or `{"path", "port"}`.
+            healthcheck: `{"type": "http" | "grpc", "port", "path", "timeout", "interval", "fails_threshold",
+                "passes_threshold"}`; only `type` is required (path "/" for HTTP, service "" for gRPC; 1 s, 15 s,
+                3, 3).
+
+        The other arguments are `create_node`'s.
+
+        Example:
+            >>> node = client.create_docker_node("model", image="127.0.0.1:5000/team/model:1", port=8080,
+            ...                                  healthcheck={"type": "http", "path": "/health"}, memory="2G")
+            >>> client.request(node["id"], "POST", "/predict", json={"x": 1}).json()
+            {'y': 2}
+        """
+        container: dict[str, Any] = {"image": image, "port": port, "endpoint": endpoint, "fixed_ports": fixed_ports}
+        optional = (
+            ("registry_username", registry_username),
+            ("registry_password_secret", registry_password_secret),
+            ("idle_timeout", idle_timeout),
+            ("memory_bytes", memory),
+            ("disk_bytes", disk),
+            ("command", _command(command)),
+            ("telemetry", {} if telemetry is True else telemetry or None),
+            ("healthcheck", healthcheck),
+        )
+        container |= {key: value for key, value in optional if value is not None}
+        return self.create_node(
+            name,
+            container=container,
+            description=description,
+            folder_id=folder_id,
+            acl=acl,
+            timeout=timeout,
+            instances=instances,
+            min_instances=min_instances,
+            max_instances=max_instances,
+            max_queue=max_queue,
+            spec=spec,
+            zones=zones,
+            maintenance_limit=maintenance_limit,
+            secrets=secrets,
+            wait=wait,
+            wait_timeout=wait_timeout,
+        )
 
     def wait_node(self, ref: str, *, timeout: float = 180.0) -> dict[str, Any]:
         """Poll until the node is HEALTHY; InternalError if it FAILED, TransportError-free timeout otherwise."""
@@ -335,7 +453,22 @@ class Client:
         `timeout`, `instances`, `min_instances`, `max_instances`, `max_queue`, `spec`, `zones`, `state`,
         `maintenance_limit`, `secrets` (all of them; a changed list rolls), `roll` (True: roll even if nothing else
         asks for it, to pick up changed secret values). `folder_id` is where to find the node by name. With `wait`,
-        return once every instance runs the new version."""
+        return once every instance runs the new version.
+
+        A docker node's `container` is a patch: the fields given replace the node's (`memory_bytes` and `disk_bytes`
+        may be size strings), and None clears `telemetry`, `healthcheck`, `memory_bytes`, `disk_bytes`, `command` or
+        the registry credentials. A cell node's `kernel_image` is an image reference or `{"image",
+        "registry_username", "registry_password_secret"}`; `kernel_image=None` runs it in the server's Python again.
+        Any container or kernel image change rolls the instances.
+
+        Example:
+            >>> client.update_node("model", container={"port": 9000, "healthcheck": None})["container"]["port"]
+            9000
+        """
+        if "container" in changes:
+            changes["container"] = _container_sizes(changes["container"])
+        if changes.get("kernel_image") is not None:
+            changes["kernel_image"] = _kernel_image(changes["kernel_image"])
         if "instances" in changes:
             changes["instance_count"] = changes.pop("instances")
         if "move_to" in changes:
@@ -445,6 +578,75 @@ class Client:
         )
         output: dict[str, Any] = response["output"]
         return output
+
+    def request(
+        self,
+        node: str,
+        method: str,
+        path: str,
+        *,
+        folder_id: str | None = None,
+        alias: bool = False,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Call a docker node's own service (or a docker alias's, with `alias=True`) through the pass-through: the
+        request goes out with `x-node-id` (or `x-node-alias`) and `x-folder-id`, and the service's answer comes back
+        as it is, whatever its status: check it as you would any `httpx.Response`.
+
+        Parameters:
+            node: node ID or name; with `alias`, a routing name (`datasphere.user.NAME`), a name or an ID.
+            method, path: what the service gets (not under `/cellnode/v1/` or `/datasphere/v1/`, cellnode's own).
+            folder_id: the folder to call from (`x-folder-id`), and where to find a node or alias by name.
+                Default: the node's (alias's) own folder. Looked up once per client and kept until a NotFound.
+            kwargs: passed to `httpx.Client.request`: `params`, `headers`, `json`, `content`, `timeout`, ...
+
+        Raises the matching APIError only when cellnode itself answered with its own error (no instance took the
+        request: NotFound, PermissionDenied, Unavailable while the node starts, DeadlineExceeded past the node's
+        timeout, ...), which it recognizes by the `google.rpc.Status` body of domain `cellnode`. A service that
+        answers that very shape would be read the same way. TransportError if the server cannot be reached, or
+        drops the connection once the service's answer has started.
+
+        Example:
+            >>> client.request("model", "POST", "/predict", json={"x": 1}).json()
+            {'y': 2}
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        if path.startswith(OWN_PREFIXES):
+            raise InvalidArgument(
+                f"Path {path!r} is under cellnode's own API, which never passes through to a node; give the path "
+                "the service answers."
+            )
+        key = (node, folder_id, alias)
+        target = self._targets.get(key) or self._target(node, folder_id, alias)
+        headers = httpx.Headers(kwargs.pop("headers", None))
+        headers.update(target)
+        with self._transport_errors(method, path):
+            response = self._http.request(method, path, headers=headers, **kwargs)
+        error = _cellnode_error(response)
+        if error is None:
+            self._targets[key] = target
+            return response
+        if isinstance(error, NotFound):
+            self._targets.pop(key, None)  # the node may have gone, or come back under the same name
+        raise error
+
+    def _target(self, ref: str, folder_id: str | None, alias: bool) -> dict[str, str]:
+        """The pass-through headers that name a node (or alias) and the folder it is called from."""
+        if not alias:
+            found = self.get_node(ref, folder_id=folder_id)
+            return {"x-node-id": found["id"], "x-folder-id": folder_id or found["folder_id"]}
+        routing_name, folder = ref, folder_id
+        if "." not in ref or folder_id is None:
+            try:
+                found = self.get_alias(ref, folder_id=folder_id)
+            except NotFound:
+                if "." not in ref:
+                    raise
+                # A public alias of another folder: callable, not readable.
+            else:
+                routing_name, folder = found["routing_name"], folder_id or found["folder_id"]
+        return {"x-node-alias": routing_name} | ({"x-folder-id": folder} if folder else {})
 
     # -- aliases
     def create_alias(
@@ -601,7 +803,7 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        try:
+        with self._transport_errors(method, path):
             response = self._http.request(
                 method,
                 path,
@@ -610,13 +812,6 @@ class Client:
                 headers=headers,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.TimeoutException as exc:
-            raise TransportError(f"{self.url} did not answer {method} {path} in time: {exc}.") from exc
-        except httpx.HTTPError as exc:
-            raise TransportError(
-                f"Cannot reach the cellnode server at {self.url}: {exc}. Is 'cellnode serve' running? "
-                "Set the address with --url or CELLNODE_URL."
-            ) from exc
         try:
             body = response.json()
         except ValueError:
@@ -628,6 +823,54 @@ class Client:
                 )
             return body
         raise APIError.from_status(response.status_code, body)
+
+    @contextmanager
+    def _transport_errors(self, method: str, path: str) -> Iterator[None]:
+        """httpx's errors as our TransportError, which says what to check."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{self.url} did not answer {method} {path} in time: {exc}.") from exc
+        except httpx.HTTPError as exc:
+            raise TransportError(
+                f"Cannot reach the cellnode server at {self.url}: {exc}. Is 'cellnode serve' running? "
+                "Set the address with --url or CELLNODE_URL."
+            ) from exc
+
+
+def _cellnode_error(response: httpx.Response) -> APIError | None:
+    """The error in a pass-through answer, if cellnode gave it rather than the service: a `google.rpc.Status`
+    body whose ErrorInfo names our domain."""
+    if response.status_code < 400 or "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+        return None
+    details = body.get("details")
+    if not isinstance(details, list) or not any(
+        isinstance(d, dict) and d.get("@type") == ERROR_INFO_TYPE and d.get("domain") == ERROR_DOMAIN for d in details
+    ):
+        return None
+    return APIError.from_status(response.status_code, body)
+
+
+def _container_sizes(container: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A container object with its sizes in bytes (`memory_bytes` and `disk_bytes` may be given as "2G")."""
+    if container is None:
+        return None
+    sizes = {key: parse_size(container[key]) for key in SIZE_FIELDS if container.get(key) is not None}
+    return {**container, **sizes}
+
+
+def _kernel_image(image: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    return {"image": image} if isinstance(image, str) else image
+
+
+def _command(command: list[str] | str | None) -> list[str] | None:
+    return shlex.split(command) if isinstance(command, str) else command
 
 
 def _folder(folder_id: str | None) -> dict[str, str] | None:

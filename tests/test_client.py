@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
-from cellnode.client import resolve_connection
+from cellnode.client import _cellnode_error, resolve_connection
+from cellnode.exceptions import ERROR_INFO_TYPE, NotFound
 
 
 @pytest.fixture
@@ -34,3 +36,15 @@ def test_arguments_and_environment_win(profile: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("CELLNODE_TOKEN", "t1.env")
     assert resolve_connection() == ("http://127.0.0.1:8123", "t1.env")
     assert resolve_connection("http://127.0.0.1:1/", "t1.arg") == ("http://127.0.0.1:1", "t1.arg")
+
+
+def test_a_pass_through_answer_is_an_error_only_when_cellnode_gave_it() -> None:
+    ours = httpx.Response(404, json=NotFound("Node 'x' not found.").to_status())
+    assert isinstance(_cellnode_error(ours), NotFound)
+    theirs = [
+        httpx.Response(404, json={"code": 5, "message": "no such user", "details": []}),  # the service's own
+        httpx.Response(404, json={"code": 5, "message": "x", "details": [{"@type": ERROR_INFO_TYPE, "domain": "x"}]}),
+        httpx.Response(500, text="boom"),
+        httpx.Response(200, json=NotFound("not an error: a 200").to_status()),
+    ]
+    assert [_cellnode_error(response) for response in theirs] == [None] * 4

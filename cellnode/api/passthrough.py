@@ -70,7 +70,7 @@ class PassThrough:
     """Serves the requests `passes_through` picks (one object per server: it keeps the metrics' path labels)."""
 
     def __init__(self) -> None:
-        self._paths: dict[str, set[str]] = {}
+        self.paths = PathLabels()
 
     async def __call__(self, svc: Services, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         request = Request(scope, receive)
@@ -170,15 +170,23 @@ class PassThrough:
         if alias is not None:
             svc.metrics.observe_alias(alias.name, node_id, code, milliseconds)
         if node_id and svc.table.find(node_id) is not None:
-            svc.metrics.observe(node_id, self._path_label(node_id, scope["path"]), code, milliseconds)
+            svc.metrics.observe(node_id, self.paths.label(node_id, scope["path"]), code, milliseconds)
 
-    def _path_label(self, node_id: str, path: str) -> str:
-        """The request's path as the metrics' `node_path`: the first paths a node sees, then "other", so that a
-        service with IDs in its paths cannot make the metrics grow without bound."""
+
+class PathLabels:
+    """A request's path (or gRPC method) as the metrics' `node_path`: the first ones a node sees, then "other", so
+    that a service with IDs in its paths, or a caller naming made-up methods, cannot make the metrics grow without
+    bound."""
+
+    def __init__(self, limit: int = MAX_PATHS_PER_NODE) -> None:
+        self.limit = limit
+        self._paths: dict[str, set[str]] = {}
+
+    def label(self, node_id: str, path: str) -> str:
         paths = self._paths.setdefault(node_id, set())
         if path in paths:
             return path
-        if len(paths) < MAX_PATHS_PER_NODE:
+        if len(paths) < self.limit:
             paths.add(path)
             return path
         return "other"

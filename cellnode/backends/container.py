@@ -16,8 +16,10 @@ own while it runs: one waits for its exit, two copy its stdout and stderr into t
         "telemetry": {"path": "/metrics", "port": 8080},  # or None
         "memory_bytes": 536870912,                        # or None: the memory limit, swap included
         "cpus": 1.5,                                      # or None
+        "disk_bytes": 10737418240,                        # or None: the size limit of its writable layer
         "mounts": [{"source": "/srv/code", "target": "/app"}],   # bind mounts, always read-only
         "command": ["python3", "-m", "uvicorn", "app:app"],      # or None: the image's own
+        "entrypoint": None,                               # or a list of strings, replacing the image's own
         "working_dir": "/app",                            # or None: the image's own
         "assign_ports": True,                             # False: the image listens on the declared ports
     }
@@ -43,15 +45,22 @@ The handle's `address` is `127.0.0.1:<endpoint port>`; `healthcheck_port` and `t
 
 Containers run detached, with host networking, an init process (so SIGTERM reaches the service), the memory and CPU
 limits, read-only mounts, labels `cellnode.node_id`, `cellnode.instance_id` and `cellnode.owner`, and the name
-`cellnode-<instance_id>`. A container is removed once it has ended and its logs are copied. Disk size limits are not
-applied (the engine's overlay2 storage cannot enforce them without a quota-enabled filesystem).
+`cellnode-<instance_id>`. A container is removed once it has ended and its logs are copied. A disk limit
+(`"disk_bytes"`) is the engine's `--storage-opt size=`; overlay2 enforces it only on xfs mounted with `pquota`, and an
+engine that cannot refuses the container, which fails the node at once (`DISK_REFUSED`).
+
+`start_container()` starts a container from a checked `ContainerConfig`; the kernel image backend
+(`cellnode.backends.kernel_image`) calls it with a `RunDir`: a config without a port, and one private directory mounted
+writable, where the runtime instance in the container binds its Unix socket (the handle's `address`) and writes its
+log records into a FIFO, which the container's log copies as they are.
 
 Logs. Each instance writes `<instance_id>.log` in the node's log directory (`InstanceSpec.log_path`, mode 0700), in
 the records of `cellnode.runtime.logs`: `TIMESTAMP INSTANCE_ID - out|err TEXT`, rotated at 10 MiB with 2 backups
 (`"log_max_bytes"` and `"log_backups"` in the launch spec change that). The timestamp is the engine's, the time it
 read the line; the request ID is always `-`; a line the engine split (over 16 KiB) is joined again. Lines of the two
 streams are appended as the two copying threads get them, so within the file they are ordered per stream, and
-`read_logs` orders them by time.
+`read_logs` orders them by time. (A container with a `RunDir` adds the records its runtime writes into the FIFO, with
+their own timestamps and request IDs.)
 
 Errors. A start that no retry can fix raises `ContainerFailed` with `permanent=True`: an engine that cannot be
 reached, an image that does not exist, credentials the registry refuses, an invalid launch spec. Other pull or create
@@ -62,10 +71,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import math
 import os
 import socket
+import tarfile
 import threading
 import time
 import uuid
@@ -103,6 +114,10 @@ NO_CREDENTIALS = (
 )
 PULL_FAILED = "Image {image!r} could not be pulled: {error}."
 CREATE_FAILED = "The container of instance {instance_id!r} of node {node_id!r} could not be {what}: {error}."
+DISK_REFUSED = (
+    "Node {node_id!r} asks for a disk limit of {disk_bytes} bytes per instance (its --disk setting), and the engine "
+    "refused it: {error}. Drop --disk from the node, or run the engine's storage on xfs mounted with the pquota option."
+)
 PORTS_TAKEN = (
     "Instance {instance_id!r} of node {node_id!r} needs ports {ports} (its image listens on fixed ports: assign_ports "
     "is false), and another instance of this machine holds them; such a node runs one instance per machine."
@@ -118,15 +133,17 @@ class ContainerConfig:
     """`launch["container"]`, checked (see the module docstring); `parse()` raises ValueError naming the key."""
 
     image: str
-    port: int
+    port: int | None = None  # None only for a container started with a RunDir: it listens on no port
     endpoint: str = "http"
     registry_auth: dict[str, str] | None = field(default=None, repr=False)  # holds the password: never printed
     healthcheck: HealthCheck | None = None
     telemetry: dict[str, Any] | None = None
     memory_bytes: int | None = None
     cpus: float | None = None
+    disk_bytes: int | None = None
     mounts: list[dict[str, str]] = field(default_factory=list)
     command: list[str] | None = None
+    entrypoint: list[str] | None = None
     working_dir: str | None = None
     assign_ports: bool = True
 
@@ -195,14 +212,30 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "memory_bytes": (lambda v: v is None or (type(v) is int and v > 0), "None or a number of bytes > 0"),
     "cpus": (lambda v: v is None or (type(v) in (int, float) and v > 0), "None or a number > 0"),
+    "disk_bytes": (lambda v: v is None or (type(v) is int and v > 0), "None or a number of bytes > 0"),
     "mounts": (
         lambda v: v is None or (isinstance(v, list) and all(map(_is_mount, v))),
         'a list of {"source": ..., "target": ...} absolute paths',
     ),
     "command": (lambda v: v is None or _is_strings(v), "None or a list of strings"),
+    "entrypoint": (lambda v: v is None or _is_strings(v), "None or a list of strings"),
     "working_dir": (lambda v: v is None or isinstance(v, str), "None or an absolute path"),
     "assign_ports": (lambda v: isinstance(v, bool), "true or false"),
 }
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The one writable mount of a runtime container: the private host directory `source`, at `target` in it.
+
+    The runtime instance binds its Unix socket at `socket` (the host path, which becomes the handle's `address`) and
+    writes its log records into the FIFO `records` (a host path), which the container's log copies.
+    """
+
+    source: str
+    target: str
+    socket: str
+    records: str
 
 
 class ContainerHandle(InstanceHandle):
@@ -220,12 +253,14 @@ class ContainerHandle(InstanceHandle):
         config: ContainerConfig,
         ports: dict[str, int],
         log: ContainerLog,
+        run_dir: RunDir | None = None,
     ) -> None:
-        super().__init__(instance_id=spec.instance_id, node_id=spec.node_id, address=f"{HOST}:{ports['endpoint']}")
+        address = run_dir.socket if run_dir is not None else f"{HOST}:{ports['endpoint']}"
+        super().__init__(instance_id=spec.instance_id, node_id=spec.node_id, address=address)
         self.container = container
         self.image = config.image
         self.endpoint = config.endpoint
-        self.port = ports["endpoint"]
+        self.port = ports.get("endpoint", 0)  # 0 for a container with a RunDir: it listens on no port
         self.healthcheck_port = ports.get("healthcheck")
         self.telemetry_port = ports.get("telemetry")
         self.telemetry_path = config.telemetry["path"] if config.telemetry is not None else ""
@@ -249,7 +284,7 @@ class ContainerHandle(InstanceHandle):
 
     @property
     def ports(self) -> set[int]:
-        return {port for port in (self.port, self.healthcheck_port, self.telemetry_port) if port is not None}
+        return {port for port in (self.port, self.healthcheck_port, self.telemetry_port) if port}  # 0: no port
 
     @property
     def pid(self) -> int | None:
@@ -262,6 +297,7 @@ class ContainerHandle(InstanceHandle):
     async def wait_ready(self, timeout: float) -> None:
         """Ready once the health check passes `passes_threshold` times in a row, or without one once the endpoint port
         accepts connections (see `health.wait_until_ready`); a container not ready in time is killed."""
+        assert self.port, "a container with a RunDir is waited for by the backend that started it"
         error = await wait_until_ready(self.health_check, HOST, self.port, timeout, ended=self._exit)
         if error is None:
             return
@@ -359,9 +395,17 @@ class ContainerBackend(Backend):
             config = ContainerConfig.parse(spec.launch.get("container"))
         except ValueError as exc:
             raise ContainerFailed(f"Node {spec.node_id!r}: {exc}", permanent=True) from exc
+        return await self.start_container(spec, config)
+
+    async def start_container(
+        self, spec: InstanceSpec, config: ContainerConfig, *, run_dir: RunDir | None = None
+    ) -> ContainerHandle:
+        """Start a container from a checked config (`spec.launch` gives only the log settings); with `run_dir` (and
+        then no port in `config`), the container also gets that writable mount, and its log the FIFO's records."""
+        assert (config.port is None) == (run_dir is not None), "a container has either a port or a RunDir"
         client = await asyncio.to_thread(self._connect)
         await asyncio.to_thread(self._ensure_image, client, config)
-        ports = self._assign_ports(spec, config)
+        ports = self._assign_ports(spec, config) if config.port is not None else {}
         self._reserved |= set(ports.values())
         try:
             make_log_dir(spec.log_path)
@@ -371,7 +415,9 @@ class ContainerBackend(Backend):
                 max_bytes=spec.launch.get("log_max_bytes", DEFAULT_MAX_BYTES),
                 backups=spec.launch.get("log_backups", DEFAULT_BACKUPS),
             )
-            run = asyncio.ensure_future(asyncio.to_thread(self._run, client, spec, config, ports))
+            if run_dir is not None:
+                log.copy_records(run_dir.records)
+            run = asyncio.ensure_future(asyncio.to_thread(self._run, client, spec, config, ports, run_dir))
             try:
                 container = await asyncio.shield(run)
             except asyncio.CancelledError:
@@ -384,7 +430,7 @@ class ContainerBackend(Backend):
             except BaseException:
                 log.close()
                 raise
-            handle = ContainerHandle(spec, container, config, ports, log)
+            handle = ContainerHandle(spec, container, config, ports, log, run_dir)
         finally:
             self._reserved -= set(ports.values())
         self.handles[spec.instance_id] = handle
@@ -403,6 +449,24 @@ class ContainerBackend(Backend):
             finally:
                 self._client.close()
                 self._client = None
+
+    async def image_attrs(self, image: str, registry_auth: dict[str, str] | None = None) -> dict[str, Any]:
+        """The engine's inspection of `image` (`Id`, `Config.User`, `Config.Env`...), pulled first if the engine does
+        not have it; ContainerFailed as `start()` raises it when the image cannot be had."""
+        client = await asyncio.to_thread(self._connect)
+        config = ContainerConfig(image=image, registry_auth=registry_auth)
+        await asyncio.to_thread(self._ensure_image, client, config)
+        try:
+            attrs: dict[str, Any] = (await asyncio.to_thread(client.images.get, image)).attrs
+        except ENGINE_ERRORS as exc:  # removed in between, or the engine went away: a retry may do
+            raise ContainerFailed(f"Image {image!r} cannot be inspected: {exc}.") from exc
+        return attrs
+
+    async def read_image_file(self, image: str, path: str) -> bytes | None:
+        """The content of the regular file `path` of `image` (which the engine has), read from a container that is
+        created, never started, and removed; None if there is no such file."""
+        client = await asyncio.to_thread(self._connect)
+        return await asyncio.to_thread(self._read_image_file, client, image, path)
 
     async def remove_leftovers(self) -> list[str]:
         """Remove the containers of this owner that this backend did not start (a previous run's); their names."""
@@ -460,16 +524,17 @@ class ContainerBackend(Backend):
             raise ContainerFailed(PULL_FAILED.format(image=image, error=exc)) from None
 
     def _run(
-        self, client: docker.DockerClient, spec: InstanceSpec, config: ContainerConfig, ports: dict[str, int]
+        self,
+        client: docker.DockerClient,
+        spec: InstanceSpec,
+        config: ContainerConfig,
+        ports: dict[str, int],
+        run_dir: RunDir | None,
     ) -> Container:
         env = {"PYTHONUNBUFFERED": "1", **spec.env}
-        env.update(
-            PORT=str(ports["endpoint"]),
-            CELLNODE_PORT=str(ports["endpoint"]),
-            CELLNODE_HOST=HOST,
-            CELLNODE_NODE_ID=spec.node_id,
-            CELLNODE_INSTANCE_ID=spec.instance_id,
-        )
+        env.update(CELLNODE_NODE_ID=spec.node_id, CELLNODE_INSTANCE_ID=spec.instance_id)
+        if "endpoint" in ports:
+            env.update(PORT=str(ports["endpoint"]), CELLNODE_PORT=str(ports["endpoint"]), CELLNODE_HOST=HOST)
         if "healthcheck" in ports:
             env["CELLNODE_HEALTHCHECK_PORT"] = str(ports["healthcheck"])
         if "telemetry" in ports:
@@ -480,22 +545,27 @@ class ContainerBackend(Backend):
             "cellnode.owner": self.owner,
             "cellnode.session": self._session,
         }
+        # Mounts, not volumes: a bind "volume" whose source is missing makes the engine create it on the host.
+        mounts = [Mount(m["target"], m["source"], type="bind", read_only=True) for m in config.mounts]
+        if run_dir is not None:
+            mounts.append(Mount(run_dir.target, run_dir.source, type="bind", read_only=False))
         what, container = "created", None
         try:
             container = client.containers.create(
                 config.image,
                 config.command,
+                entrypoint=config.entrypoint,
                 name=f"cellnode-{spec.instance_id}",
                 network_mode="host",
                 init=True,
                 environment=env,
                 labels=labels,
-                # Mounts, not volumes: a bind "volume" whose source is missing makes the engine create it on the host.
-                mounts=[Mount(m["target"], m["source"], type="bind", read_only=True) for m in config.mounts],
+                mounts=mounts,
                 working_dir=config.working_dir,
                 mem_limit=config.memory_bytes,
                 memswap_limit=config.memory_bytes,
                 nano_cpus=round(config.cpus * 1e9) if config.cpus is not None else None,
+                storage_opt={"size": str(config.disk_bytes)} if config.disk_bytes is not None else None,
                 # We keep the logs ourselves; the engine's copy only has to last until they are read.
                 log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "1"}),
             )
@@ -509,9 +579,32 @@ class ContainerBackend(Backend):
                     container.remove(force=True)
             status = exc.status_code if isinstance(exc, docker.errors.APIError) else None
             error = str(exc.explanation) if isinstance(exc, docker.errors.APIError) else str(exc)
+            if config.disk_bytes is not None and "storage-opt" in error:
+                # overlay2 answers 500 to a size it cannot enforce; no retry can change the engine's filesystem.
+                disk = DISK_REFUSED.format(node_id=spec.node_id, disk_bytes=config.disk_bytes, error=error)
+                raise ContainerFailed(disk, permanent=True) from exc
             message = CREATE_FAILED.format(instance_id=spec.instance_id, node_id=spec.node_id, what=what, error=error)
             # 400: the engine refused the configuration (a mount source that does not exist, a limit too small).
             raise ContainerFailed(message, permanent=status == 400) from exc
+
+    def _read_image_file(self, client: docker.DockerClient, image: str, path: str) -> bytes | None:
+        labels = {"cellnode.owner": self.owner, "cellnode.session": self._session}  # close() removes a leftover
+        try:
+            container = client.containers.create(image, ["true"], network_mode="none", labels=labels)
+            try:
+                chunks, _ = container.get_archive(path)
+                archive = b"".join(chunks)
+            finally:
+                with contextlib.suppress(*ENGINE_ERRORS):
+                    container.remove(force=True)
+        except docker.errors.NotFound:
+            return None
+        except ENGINE_ERRORS as exc:
+            raise ContainerFailed(f"File {path!r} of image {image!r} cannot be read: {exc}.") from exc
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            member = tar.next()
+            content = tar.extractfile(member) if member is not None and member.isfile() else None
+            return content.read() if content is not None else None
 
     def _remove(self, labels: dict[str, str], keep: str = "") -> list[str]:
         assert self._client is not None, "connected first"
@@ -532,6 +625,7 @@ class ContainerBackend(Backend):
         live = [handle for handle in self.handles.values() if handle.returncode is None]
         self.handles = {handle.instance_id: handle for handle in live}
         taken = self._reserved.union(*(handle.ports for handle in live))
+        assert config.port is not None, "only a container with a port gets ports"
         declared = {"endpoint": config.port}
         if config.healthcheck is not None:
             declared["healthcheck"] = config.healthcheck.port

@@ -10,13 +10,67 @@ from typing import Annotated, Any
 import typer
 
 from cellnode.cli._common import FolderOption, JsonOption, client, emit, fields, table
+from cellnode.cli._container import (
+    CELL,
+    DOCKER,
+    CommandOption,
+    DiskOption,
+    EndpointOption,
+    FailsOption,
+    FixedPortsSwitch,
+    FlagsError,
+    HealthcheckChangeOption,
+    HealthcheckIntervalOption,
+    HealthcheckOption,
+    HealthcheckPathOption,
+    HealthcheckPortOption,
+    HealthcheckTimeoutOption,
+    IdleTimeoutOption,
+    ImageOption,
+    KernelImageOption,
+    MemoryOption,
+    NewImageOption,
+    NoCommandOption,
+    NoDiskOption,
+    NoHealthcheckOption,
+    NoKernelImageOption,
+    NoMemoryOption,
+    NoRegistryOption,
+    NoTelemetryOption,
+    PassesOption,
+    PortOption,
+    RegistrySecretOption,
+    RegistryUserOption,
+    TelemetryOption,
+    TelemetryPathOption,
+    TelemetryPortOption,
+    changed,
+    check_fields,
+    command as parse_command,
+    exclusive,
+    healthcheck_flags,
+    kernel_image_decl,
+    list_row,
+    refuse,
+    show_rows,
+    size,
+    sub_fields,
+    telemetry_decl,
+)
 from cellnode.cli.usage import parse_since
 from cellnode.runtime.variables import TYPES
 from cellnode.telemetry.logs import MAX_TAIL
 
-app = typer.Typer(help="Nodes: deployed cells, served as authenticated APIs.", no_args_is_help=True)
+app = typer.Typer(help="Nodes: deployed cells or docker images, served as authenticated APIs.", no_args_is_help=True)
 
-COLUMNS = [("id", "ID"), ("name", "NAME"), ("status", "STATUS"), ("inputs", "INPUTS"), ("outputs", "OUTPUTS")]
+COLUMNS = [
+    ("id", "ID"),
+    ("name", "NAME"),
+    ("type", "TYPE"),
+    ("status", "STATUS"),
+    ("inputs", "INPUTS / IMAGE"),
+    ("outputs", "OUTPUTS / ENDPOINT"),
+]
 VARIABLE_HELP = f"NAME:TYPE, repeatable; TYPE is one of {', '.join(TYPES)}."
 
 
@@ -32,21 +86,26 @@ def parse_variable(option: str, text: str) -> dict[str, str]:
 
 
 def _show(node: dict[str, Any]) -> None:
+    settings, rows = show_rows(node)
+    kind = (
+        [("checkpoint_id", "Checkpoint"), ("inputs", "Inputs"), ("outputs", "Outputs"), ("state", "State"), *rows]
+        if node.get("type") != "docker"
+        else rows
+    )
+    zones = [f"{z['zone']}:{z['subnet']}" if z.get("subnet") else z["zone"] for z in node.get("zones") or []]
     fields(
-        node,
+        {**node, **settings, "zones": zones},
         [
             ("id", "ID"),
             ("name", "Name"),
+            ("type", "Type"),
             ("folder_id", "Folder"),
             ("status", "Status"),
             ("status_message", "Reason"),
-            ("checkpoint_id", "Checkpoint"),
-            ("inputs", "Inputs"),
-            ("outputs", "Outputs"),
+            *kind,
             ("acl", "ACL"),
             ("timeout", "Timeout, s"),
             ("spec", "Spec"),
-            ("state", "State"),
             ("instance_count", "Instances"),
             ("min_instances", "Min instances"),
             ("max_instances", "Max instances"),
@@ -88,16 +147,62 @@ ZoneOption = Annotated[
 @app.command()
 def create(
     name: Annotated[str, typer.Option("--name", help="Node name, unique in the folder.")],
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Pinned checkpoint: name or ID.")],
-    output: Annotated[list[str], typer.Option("--output", help="Output variable: " + VARIABLE_HELP)],
-    input: Annotated[list[str] | None, typer.Option("--input", help="Input variable: " + VARIABLE_HELP)] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Pinned checkpoint (name or ID): makes a cell node.", rich_help_panel=CELL),
+    ] = None,
+    output: Annotated[
+        list[str] | None,
+        typer.Option("--output", help="Output variable, 1+ for a cell node: " + VARIABLE_HELP, rich_help_panel=CELL),
+    ] = None,
+    input: Annotated[
+        list[str] | None, typer.Option("--input", help="Input variable: " + VARIABLE_HELP, rich_help_panel=CELL)
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="isolated (default: bindings restored per request), persistent (changes stay), fork.",
+            rich_help_panel=CELL,
+        ),
+    ] = None,
+    kernel_image: KernelImageOption = None,
+    image: ImageOption = None,
+    registry_username: RegistryUserOption = None,
+    registry_password_secret: RegistrySecretOption = None,
+    endpoint: EndpointOption = None,
+    port: PortOption = None,
+    idle_timeout: IdleTimeoutOption = None,
+    memory: MemoryOption = None,
+    disk: DiskOption = None,
+    command: CommandOption = None,
+    fixed_ports: Annotated[
+        bool,
+        typer.Option(
+            "--fixed-ports",
+            help="The image listens on --port whatever $PORT says: then one instance per machine.",
+            rich_help_panel=DOCKER,
+        ),
+    ] = False,
+    telemetry: TelemetryOption = None,
+    telemetry_path: TelemetryPathOption = None,
+    telemetry_port: TelemetryPortOption = None,
+    healthcheck: HealthcheckOption = None,
+    healthcheck_port: HealthcheckPortOption = None,
+    healthcheck_path: HealthcheckPathOption = None,
+    healthcheck_timeout: HealthcheckTimeoutOption = None,
+    healthcheck_interval: HealthcheckIntervalOption = None,
+    fails_threshold: FailsOption = None,
+    passes_threshold: PassesOption = None,
     description: Annotated[str, typer.Option(help="Free text.")] = "",
     folder: FolderOption = None,
     acl: Annotated[
         list[str] | None,
         typer.Option("--acl", help="Folder ID allowed to call the node, repeatable. Default: its own."),
     ] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds a request may run. Default: 60.")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a request may run (docker: until its answer starts). Default: 60 (cell), 15."),
+    ] = None,
     instances: Annotated[
         int | None, typer.Option(help="Instances to run, each serving one request at a time. Default: 1.")
     ] = None,
@@ -113,44 +218,108 @@ def create(
     maintenance_limit: Annotated[
         int | None, typer.Option(help="Instances replaced at once in a roll. Default: 1.")
     ] = None,
-    state: Annotated[
-        str | None,
-        typer.Option(help="isolated (default: bindings restored per request), persistent (changes stay), fork."),
-    ] = None,
     secret: SecretOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until the node is HEALTHY.")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a cell node from a pinned checkpoint.
+    """Create a node: a cell node from a pinned checkpoint (--checkpoint, --output), or a docker node that runs an
+    image (--image, --port) and gets the requests sent with its x-node-id header, as they come.
 
     Give --instances N for a fixed count, or --min-instances/--max-instances to let the autoscaler choose.
 
     Example: cellnode node create --name randomizer-node --checkpoint randomizer-checkpoint
     --input input_data:dict --output output_data:dict --min-instances 1 --max-instances 4
+
+    Example: cellnode node create --name model --image 127.0.0.1:5000/team/model:1 --endpoint http --port 8080
+    --healthcheck http --healthcheck-path /health --memory 2G
     """
-    inputs = [parse_variable("--input", text) for text in input or []]
-    outputs = [parse_variable("--output", text) for text in output]
-    with client() as api:
-        node = api.create_node(
-            name,
-            checkpoint=checkpoint,
-            inputs=inputs,
-            outputs=outputs,
-            description=description,
-            folder_id=folder,
-            acl=acl,
-            timeout=timeout,
-            instances=instances,
-            min_instances=min_instances,
-            max_instances=max_instances,
-            max_queue=max_queue,
-            spec=spec,
-            zones=zone,
-            maintenance_limit=maintenance_limit,
-            state=state,
-            secrets=secret,
-            wait=wait,
+    docker_flags = {
+        "--port": port,
+        "--endpoint": endpoint,
+        "--idle-timeout": idle_timeout,
+        "--memory": memory,
+        "--disk": disk,
+        "--command": command,
+        "--fixed-ports": fixed_ports or None,
+        "--telemetry": telemetry,
+        "--telemetry-path": telemetry_path,
+        "--telemetry-port": telemetry_port,
+        "--healthcheck": healthcheck,
+        "--healthcheck-port": healthcheck_port,
+        "--healthcheck-path": healthcheck_path,
+        "--healthcheck-timeout": healthcheck_timeout,
+        "--healthcheck-interval": healthcheck_interval,
+        "--fails-threshold": fails_threshold,
+        "--passes-threshold": passes_threshold,
+    }
+    cell_flags = {"--input": input, "--output": output, "--state": state, "--kernel-image": kernel_image}
+    check_flags = healthcheck_flags(
+        healthcheck_port, healthcheck_path, healthcheck_timeout, healthcheck_interval, fails_threshold, passes_threshold
+    )
+    if image is not None and checkpoint is not None:
+        raise FlagsError("--image makes a docker node and --checkpoint a cell node; give one or the other.")
+    if image is None and checkpoint is None:
+        raise FlagsError("Give --checkpoint NAME (a cell node) or --image REF --port P (a docker node).")
+    if image is not None:
+        refuse(cell_flags, "a cell node (--checkpoint)", "a docker node runs its image and passes requests through")
+        if port is None:
+            raise FlagsError("A docker node needs --port: the port its service listens on.")
+    else:
+        refuse(docker_flags, "a docker node (--image)", "a cell node runs its checkpoint")
+        if not output:
+            raise FlagsError("A cell node needs at least one --output NAME:TYPE, the variable it returns.")
+        if kernel_image is None and (registry_username or registry_password_secret):
+            raise FlagsError(
+                "--registry-username and --registry-password-secret are for --image or --kernel-image; give one."
+            )
+    if registry_username is not None and registry_password_secret is None:
+        raise FlagsError(
+            f"--registry-username {registry_username!r} needs --registry-password-secret SECRET: a secret of the "
+            "node's folder that holds the registry password."
         )
+    common: dict[str, Any] = {
+        "description": description,
+        "folder_id": folder,
+        "acl": acl,
+        "timeout": timeout,
+        "instances": instances,
+        "min_instances": min_instances,
+        "max_instances": max_instances,
+        "max_queue": max_queue,
+        "spec": spec,
+        "zones": zone,
+        "maintenance_limit": maintenance_limit,
+        "secrets": secret,
+        "wait": wait,
+    }
+    registry: dict[str, Any] = {
+        "registry_username": registry_username,
+        "registry_password_secret": registry_password_secret,
+    }
+    if image is not None:
+        assert port is not None
+        docker: dict[str, Any] = {
+            "image": image,
+            "port": port,
+            "endpoint": endpoint or "http",
+            "idle_timeout": idle_timeout,
+            "memory": size("--memory", memory) if memory is not None else None,
+            "disk": size("--disk", disk) if disk is not None else None,
+            "command": parse_command(command) if command is not None else None,
+            "fixed_ports": fixed_ports,
+            "telemetry": telemetry_decl(telemetry, telemetry_path, telemetry_port),
+            "healthcheck": check_fields(healthcheck, check_flags, implied=None),
+        }
+        with client() as api:
+            node = api.create_docker_node(name, **docker, **registry, **common)
+    else:
+        inputs = [parse_variable("--input", text) for text in input or []]
+        outputs = [parse_variable("--output", text) for text in output or []]
+        kernel = kernel_image_decl(kernel_image, registry)
+        with client() as api:
+            node = api.create_node(
+                name, checkpoint=checkpoint, inputs=inputs, outputs=outputs, kernel_image=kernel, state=state, **common
+            )
     emit(node, as_json, _show)
 
 
@@ -162,7 +331,7 @@ def list_(folder: FolderOption = None, as_json: JsonOption = False) -> None:
     """
     with client() as api:
         nodes = api.list_nodes(folder_id=folder)
-    emit(nodes, as_json, lambda rows: table(rows, COLUMNS))
+    emit(nodes, as_json, lambda rows: table([list_row(row) for row in rows], COLUMNS))
 
 
 @app.command()
@@ -200,13 +369,48 @@ def update(
     node: Annotated[str, typer.Argument(help="Node name or ID.")],
     name: Annotated[str | None, typer.Option(help="New name.")] = None,
     description: Annotated[str | None, typer.Option(help="New description.")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="New pinned checkpoint (rolls the instances).")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="New pinned checkpoint (rolls the instances).", rich_help_panel=CELL)
+    ] = None,
     input: Annotated[
-        list[str] | None, typer.Option("--input", help="Input variables, all of them (rolls): " + VARIABLE_HELP)
+        list[str] | None,
+        typer.Option("--input", help="Input variables, all of them (rolls): " + VARIABLE_HELP, rich_help_panel=CELL),
     ] = None,
     output: Annotated[
-        list[str] | None, typer.Option("--output", help="Output variables, all of them (rolls): " + VARIABLE_HELP)
+        list[str] | None,
+        typer.Option("--output", help="Output variables, all of them (rolls): " + VARIABLE_HELP, rich_help_panel=CELL),
     ] = None,
+    state: Annotated[
+        str | None, typer.Option(help="isolated, persistent or fork (rolls the instances).", rich_help_panel=CELL)
+    ] = None,
+    kernel_image: KernelImageOption = None,
+    no_kernel_image: NoKernelImageOption = False,
+    image: NewImageOption = None,
+    registry_username: RegistryUserOption = None,
+    registry_password_secret: RegistrySecretOption = None,
+    no_registry_credentials: NoRegistryOption = False,
+    endpoint: EndpointOption = None,
+    port: PortOption = None,
+    idle_timeout: IdleTimeoutOption = None,
+    memory: MemoryOption = None,
+    no_memory: NoMemoryOption = False,
+    disk: DiskOption = None,
+    no_disk: NoDiskOption = False,
+    command: CommandOption = None,
+    no_command: NoCommandOption = False,
+    fixed_ports: FixedPortsSwitch = None,
+    telemetry: TelemetryOption = None,
+    telemetry_path: TelemetryPathOption = None,
+    telemetry_port: TelemetryPortOption = None,
+    no_telemetry: NoTelemetryOption = False,
+    healthcheck: HealthcheckChangeOption = None,
+    healthcheck_port: HealthcheckPortOption = None,
+    healthcheck_path: HealthcheckPathOption = None,
+    healthcheck_timeout: HealthcheckTimeoutOption = None,
+    healthcheck_interval: HealthcheckIntervalOption = None,
+    fails_threshold: FailsOption = None,
+    passes_threshold: PassesOption = None,
+    no_healthcheck: NoHealthcheckOption = False,
     acl: Annotated[list[str] | None, typer.Option("--acl", help="Folder IDs allowed to call the node, all.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a request may run.")] = None,
     instances: Annotated[int | None, typer.Option(help="A fixed number of instances.")] = None,
@@ -218,7 +422,6 @@ def update(
         list[str] | None, typer.Option("--zone", help="ZONE[:SUBNET], repeatable: all the zones (rolls).")
     ] = None,
     move_to: Annotated[str | None, typer.Option(help="Move the node to this folder (ID or name).")] = None,
-    state: Annotated[str | None, typer.Option(help="isolated, persistent or fork (rolls the instances).")] = None,
     maintenance_limit: Annotated[int | None, typer.Option(help="Instances replaced at once in a roll.")] = None,
     secret: Annotated[
         list[str] | None, typer.Option("--secret", help="Secrets (name or ID), repeatable: all (rolls if changed).")
@@ -231,10 +434,36 @@ def update(
     wait: Annotated[bool, typer.Option(help="Wait until every instance runs the new version.")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a node. A new checkpoint, variables, spec, state or zones roll its instances with no downtime.
+    """Change a node. A new checkpoint, variables, spec, state, zones, kernel image, or any change of a docker node's
+    container (image, port, checks, limits, ...) rolls its instances with no downtime. The container flags change
+    only what they name; --kernel-image replaces the whole kernel image, registry credentials included.
 
     Example: cellnode node update randomizer-node --checkpoint randomizer-v2 --maintenance-limit 1
+
+    Example: cellnode node update model --image 127.0.0.1:5000/team/model:2 --port 9000 --no-healthcheck
     """
+    exclusive(
+        [
+            ("--secret", secret, "--no-secrets", no_secrets),
+            ("--kernel-image", kernel_image, "--no-kernel-image", no_kernel_image),
+            ("--memory", memory, "--no-memory", no_memory),
+            ("--disk", disk, "--no-disk", no_disk),
+            ("--command", command, "--no-command", no_command),
+            ("--registry-username", registry_username, "--no-registry-credentials", no_registry_credentials),
+            (
+                "--registry-password-secret",
+                registry_password_secret,
+                "--no-registry-credentials",
+                no_registry_credentials,
+            ),
+            ("--telemetry", telemetry or telemetry_path or telemetry_port, "--no-telemetry", no_telemetry),
+        ]
+    )
+    check_flags = healthcheck_flags(
+        healthcheck_port, healthcheck_path, healthcheck_timeout, healthcheck_interval, fails_threshold, passes_threshold
+    )
+    if no_healthcheck and (healthcheck or sub_fields(check_flags)):
+        raise FlagsError("Give --healthcheck (and its fields) or --no-healthcheck, not both.")
     changes: dict[str, Any] = {
         "name": name,
         "description": description,
@@ -255,12 +484,55 @@ def update(
         "secrets": [] if no_secrets else secret,
         "roll": roll or None,
     }
-    if no_secrets and secret:
-        raise typer.BadParameter("give --secret or --no-secrets, not both", param_hint="--no-secrets")
+    changes = {key: value for key, value in changes.items() if value is not None}
+    registry = {"registry_username": registry_username, "registry_password_secret": registry_password_secret}
+    if no_kernel_image:
+        changes["kernel_image"] = None
+    elif kernel_image is not None:
+        changes["kernel_image"] = kernel_image_decl(kernel_image, registry)
+        registry = {}  # they go with the kernel image
+    patch: dict[str, Any] = {
+        "image": image,
+        **registry,
+        "endpoint": endpoint,
+        "port": port,
+        "idle_timeout": idle_timeout,
+        "memory_bytes": size("--memory", memory) if memory is not None else None,
+        "disk_bytes": size("--disk", disk) if disk is not None else None,
+        "command": parse_command(command) if command is not None else None,
+        "fixed_ports": fixed_ports,
+    }
+    patch = {key: value for key, value in patch.items() if value is not None}
+    cleared = {
+        "registry_username": no_registry_credentials,
+        "registry_password_secret": no_registry_credentials,
+        "memory_bytes": no_memory,
+        "disk_bytes": no_disk,
+        "command": no_command,
+        "telemetry": no_telemetry,
+        "healthcheck": no_healthcheck,
+    }
+    patch |= {key: None for key, off in cleared.items() if off}
     with client() as api:
-        found = api.update_node(
-            node, folder_id=folder, wait=wait, **{key: value for key, value in changes.items() if value is not None}
-        )
+        current: dict[str, Any] = {}
+        if (telemetry is None and (telemetry_path or telemetry_port)) or (
+            healthcheck is None and sub_fields(check_flags)
+        ):
+            current = api.get_node(node, folder_id=folder).get("container") or {}
+        if not no_telemetry and (telemetry or telemetry_path or telemetry_port):
+            decl = telemetry_decl(telemetry, telemetry_path, telemetry_port)
+            patch["telemetry"] = decl if telemetry else changed(current, "telemetry", decl or {})
+        if healthcheck is not None:
+            patch["healthcheck"] = check_fields(healthcheck, check_flags, implied=None)
+        elif sub_fields(check_flags):
+            if not current.get("healthcheck"):
+                raise FlagsError(
+                    f"Node {node!r} has no health check to change; give its type too: --healthcheck http|grpc."
+                )
+            patch["healthcheck"] = changed(current, "healthcheck", sub_fields(check_flags))
+        if patch:
+            changes["container"] = patch
+        found = api.update_node(node, folder_id=folder, wait=wait, **changes)
     emit(found, as_json, _show)
 
 

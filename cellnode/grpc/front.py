@@ -35,6 +35,7 @@ from cellnode.exceptions import (
 )
 from cellnode.grpc import protos
 from cellnode.grpc.discovery import Discovery
+from cellnode.grpc.nodes import GrpcNodes, names_a_node
 from cellnode.grpc.rpc import CODES, Rpc, abort
 from cellnode.grpc.typed import TypedNode, node_id_of_service, signature_of
 from cellnode.grpc.values import struct_to_json
@@ -66,6 +67,7 @@ class GrpcFront:
         }
         self.discovery = Discovery(self)
         self._methods.update(self.discovery.handlers())
+        self.nodes = GrpcNodes(svc, DEADLINE_MARGIN)
 
     async def start(self, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
         """Listen on `host:port` (0 picks a port) and serve; the port it listens on."""
@@ -90,14 +92,18 @@ class GrpcFront:
         if self.server is not None:
             await self.server.stop(grace)
 
-    def find(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def find(
+        self, method: str, metadata: tuple[tuple[str, str | bytes], ...] | None = None
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The handler of a method: cellnode's own, a cell node's typed service, or, for any other method of a call
+        that names a node or an alias in its metadata, the pass-through to a docker node's gRPC service."""
         handler = self._methods.get(method)
         if handler is not None:
             return handler
         service, _, name = method[1:].rpartition("/")
         node_id = node_id_of_service(service)
         if node_id is None or name != "Execute":
-            return None
+            return self.nodes.handler(method) if names_a_node(metadata) else None
         return self._unary(lambda raw, context, rpc: self._execute_typed(node_id, raw, context, rpc), method)
 
     def typed(self, node_id: str) -> TypedNode:
@@ -283,7 +289,7 @@ class _Handlers(grpc.GenericRpcHandler):
         self.front = front
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        return self.front.find(handler_call_details.method)
+        return self.front.find(handler_call_details.method, handler_call_details.invocation_metadata)
 
 
 def _parse(message_class: Any, raw: bytes) -> Any:

@@ -85,6 +85,11 @@ class NodeRoute:
                 f"Node {self.node_id!r} is suspended, so no instance runs. Its owner can start it again with "
                 f"'cellnode node resume {self.node_id}'."
             )
+        if best is None and self.status == "FAILED":
+            raise Unavailable(
+                f"Node {self.node_id!r} has failed, so no instance runs; retrying will not help. Its owner can see "
+                "why with 'cellnode node get', and start it again with an update, or a suspend and resume."
+            )
         if best is None:
             # Not the status message: it can quote the node's log, which is the owner's to read, not the caller's.
             raise Unavailable(

@@ -35,6 +35,7 @@ from cellnode.api import (
 from cellnode.api.deps import Services
 from cellnode.backends.base import Backend
 from cellnode.backends.container import ContainerBackend
+from cellnode.backends.kernel_image import KernelImageBackend
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.config import BACKENDS, Settings
 from cellnode.iam.access import Access
@@ -79,6 +80,7 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         specs = load_specs(settings.specs_file)
         backend = load_backend(settings.backend)
         metrics = Metrics(table)
+        containers = ContainerBackend(owner=container_owner(settings))
         scraper = Scraper(metrics.registry, interval=settings.telemetry_interval)
         supervisor = Supervisor(
             db,
@@ -95,7 +97,8 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
             metrics=metrics,
             log_limits=(settings.log_retention_hours * 3600, settings.log_max_mb * 2**20),
             secret_box=secret_box,
-            containers=ContainerBackend(owner=container_owner(settings)),
+            containers=containers,
+            kernels=KernelImageBackend(containers, blob_dir=settings.data_dir / "kernel-blobs"),
             scraper=scraper,
         )
         app.state.services = Services(

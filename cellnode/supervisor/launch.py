@@ -1,5 +1,6 @@
-"""What the supervisor gives a backend to start an instance of a docker node, and what the front routes to once it
-is ready (a cell node's launch spec is built in `Supervisor._instance_spec`).
+"""What the supervisor gives a backend to start an instance of a docker node, or of a cell node in a kernel image, and
+what the front routes to once a docker node's instance is ready (a cell node's runtime launch spec is built in
+`Supervisor._instance_spec`).
 
 A docker node's stored container settings (`cellnode.api.containers`) become the container backend's
 `launch["container"]` (`cellnode.backends.container`): the spec's CPUs and RAM as limits (the node's own memory
@@ -73,6 +74,13 @@ def container_launch(node: Node, spec: Spec, cpus_here: int, auth: dict[str, str
             **({"disk_bytes": container["disk_bytes"]} if container.get("disk_bytes") else {}),
         }
     }
+
+
+def kernel_launch(node: Node, spec: Spec, cpus_here: int, auth: dict[str, str] | None) -> dict[str, Any]:
+    """The kernel image backend's `launch["kernel_image"]` of a cell node's instance (without `python_version`, which
+    is the checkpoint's). Memory is capped as for local instances, by the supervisor; the CPUs by the engine."""
+    assert node.container is not None and node.type == "cell", "a cell node with a kernel image"
+    return {"image": node.container["image"], "registry_auth": auth, "cpus": float(max(1, min(spec.vcpu, cpus_here)))}
 
 
 def proxy_instance(node: Node, instance_id: str, address: str, pid: int | None) -> Any:

@@ -46,7 +46,7 @@ from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
 from cellnode.supervisor.aliases import load_alias_routes, write_rollback
 from cellnode.supervisor.autoscale import SAMPLE_INTERVAL, AutoscalePolicy, Scaler
-from cellnode.supervisor.launch import container_launch, proxy_instance, registry_auth
+from cellnode.supervisor.launch import container_launch, kernel_launch, proxy_instance, registry_auth
 from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
 from cellnode.telemetry.logs import prune_logs
 from cellnode.telemetry.metrics import Metrics
@@ -100,6 +100,8 @@ class _Slot:
 class _NodeState:
     slots: dict[int, _Slot] = field(default_factory=dict)
     failed: bool = False
+    generation: int = 0  # the node's, as last read
+    failed_at: int = 0  # the generation that failed: a newer one (an update) tries again
     failed_generation: int = 0  # a rollout to this generation could not start an instance; wait for the next
     crashes: list[float] = field(default_factory=list)
     bounds: tuple[int, int, int] = (1, 1, 1)  # instance_count, min_instances, max_instances, as last read
@@ -126,7 +128,9 @@ class Supervisor:
         secret_box: SecretBox | None = None,
         containers: ContainerBackend | None = None,
         scraper: Scraper | None = None,
+        kernels: Backend | None = None,
     ) -> None:
+        self._kernels = kernels  # cell nodes with a kernel image (on the container backend's engine)
         self._scraper = scraper  # docker nodes' metrics pages
         self._containers = containers  # docker nodes' instances (the engine is reached at their first start)
         self._secret_box = secret_box  # decrypts nodes' secrets into their instances' environment
@@ -190,6 +194,8 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_node(node_id) for node_id in list(self._nodes)), return_exceptions=True)
         await self._backend.close()
+        if self._kernels is not None:
+            await self._kernels.close()
         if self._containers is not None:
             await self._containers.close()
 
@@ -335,6 +341,10 @@ class Supervisor:
             for index in [i for i in state.slots if i >= node.instance_count]:
                 slot = state.slots.pop(index)
                 self._spawn(self._retire(node.id, slot, node.timeout), f"retire-{node.id}-{index}")
+            state.generation = node.generation
+            if state.failed and node.generation > state.failed_at:
+                state.failed, state.crashes = False, []  # an update: the owner's way to try again
+                await self._set_status(node.id, "UNHEALTHY", "Starting instances of the updated node.")
             if state.failed:
                 continue
             now = time.monotonic()
@@ -538,7 +548,7 @@ class Supervisor:
 
     def _has_docker_nodes(self) -> bool:
         with self._db.session() as session:
-            return session.scalar(select(Node.id).where(Node.type == "docker").limit(1)) is not None
+            return session.scalar(select(Node.id).where(Node.container.is_not(None)).limit(1)) is not None
 
     def _load_nodes(self) -> list[Node]:
         with self._db.session() as session:
@@ -772,6 +782,13 @@ class Supervisor:
         await self._update_node_status(node.id)
 
     def _backend_of(self, node: Node) -> Backend:
+        if node.type == "cell" and node.container is not None:
+            if self._kernels is None:
+                raise InstanceFailed(
+                    f"Node {node.id!r} runs in a kernel image, and this server runs no container backend.",
+                    permanent=True,
+                )
+            return self._kernels
         if node.type != "docker":
             return self._backend
         if self._containers is None:
@@ -810,6 +827,10 @@ class Supervisor:
             ]
             imports = dict(checkpoint.imports)
             secrets = self._secret_env(session, node)
+            kernel = None
+            if node.container is not None:  # a kernel image: the instance runs in a container of it
+                kernel = kernel_launch(node, spec, self._cpus, registry_auth(session, self._secret_box, node))
+                kernel["python_version"] = checkpoint.python_version
         launch = {
             "node_id": node.id,
             "instance_id": instance_id,
@@ -820,6 +841,8 @@ class Supervisor:
             "imports": imports,
             "state": node.state,
         }
+        if kernel is not None:
+            launch["kernel_image"] = kernel
         return InstanceSpec(
             node_id=node.id,
             instance_id=instance_id,
@@ -937,7 +960,7 @@ class Supervisor:
         now = time.monotonic()
         state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW] + [now]
         if permanent or len(state.crashes) >= MAX_CRASHES:
-            state.failed = True
+            state.failed, state.failed_at = True, state.generation
             logger.error("Node %s failed: %s", node_id, reason)
             await self._set_status(node_id, "FAILED", reason)
             return
@@ -963,6 +986,8 @@ class Supervisor:
         if state is not None:
             await asyncio.gather(*(self._stop_slot(node_id, slot) for slot in state.slots.values()))
         await self._backend.release(node_id)  # (the container backend keeps nothing per node)
+        if self._kernels is not None:
+            await self._kernels.release(node_id)
 
     async def _delete(self, node_id: str) -> None:
         self._table.remove(node_id)

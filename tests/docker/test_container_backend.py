@@ -333,6 +333,31 @@ def test_memory_limit(docker_engine: Engine, python_image: str, tmp_path: Path) 
     asyncio.run(scenario())
 
 
+def test_disk_limit(docker_engine: Engine, python_image: str, tmp_path: Path) -> None:
+    node = {"image": python_image, "port": 8000, "command": HTTP_SERVER, "disk_bytes": 2**30}
+
+    async def scenario() -> None:
+        async with ContainerBackend(base_url=docker_engine.host) as backend:
+            try:
+                handle = await backend.start(instance(tmp_path, "i1", node))
+            except ContainerFailed as exc:
+                # overlay2 enforces a size only on xfs with pquota (not this machine's engine): the node fails at once.
+                assert exc.permanent
+                assert str(exc) == (
+                    "Node 'n1' asks for a disk limit of 1073741824 bytes per instance (its --disk setting), and the "
+                    "engine refused it: --storage-opt is supported only for overlay over xfs with 'pquota' mount "
+                    "option. Drop --disk from the node, or run the engine's storage on xfs mounted with the pquota "
+                    "option."
+                )
+                assert not docker_engine.client.containers.list(all=True, filters={"label": "cellnode.node_id=n1"})
+            else:  # an engine that can enforce it
+                storage = docker_engine.client.containers.get("cellnode-i1").attrs["HostConfig"]["StorageOpt"]
+                assert storage == {"size": "1073741824"}
+                await handle.stop()
+
+    asyncio.run(scenario())
+
+
 def test_pull_from_a_registry_with_credentials(
     docker_engine: Engine, python_image: str, registry: Registry, tmp_path: Path
 ) -> None:

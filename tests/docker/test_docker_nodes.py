@@ -14,8 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cellnode.client import Client
 from tests.docker_engine import Engine, Registry, add_file_layer, push_image
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -86,6 +87,7 @@ class Api:
 
     def __init__(self, server: ServerProcess) -> None:
         self.url = server.url
+        self.docker_host = server.env["DOCKER_HOST"]
         self.http = httpx.Client(base_url=server.url, headers={"authorization": f"Api-Key {server.key}"}, timeout=60)
         self.folder = self.http.get("/cellnode/v1/folders").json()["folders"][0]["id"]
 
@@ -259,6 +261,18 @@ def test_an_alias_routes_by_header_and_names_the_node(api: Api) -> None:
     assert answer.headers["x-node-id"] == node["id"] and answer.json()["path"] == "/echo/x"
     metrics = api.http.get("/metrics").text
     assert 'alias_requests_total{alias_name="datasphere.user.tools-alias"' in metrics
+    # One kind of node per alias, and no mirrors for docker nodes.
+    api.create("grpc-kind", _tools(endpoint="grpc", image="cellnode-test/does-not-exist:2"))
+    mixed = api.http.patch(
+        "/cellnode/v1/aliases/tools-alias",
+        json={"nodes": [{"node": "tools", "percent": 50}, {"node": "grpc-kind", "percent": 50}]},
+    )
+    assert mixed.status_code == 400 and "of one kind" in mixed.json()["message"], mixed.text
+    mirrored = api.http.patch(
+        "/cellnode/v1/aliases/tools-alias", json={"mirrors": [{"node": "example", "percent": 10}]}
+    )
+    assert mirrored.status_code == 400 and "no --mirror" in mirrored.json()["message"], mirrored.text
+    api.delete("grpc-kind")
 
 
 def test_http2_endpoints_are_spoken_to_in_h2c(api: Api) -> None:
@@ -299,11 +313,17 @@ def test_a_missing_image_fails_the_node_at_once(api: Api) -> None:
     failed = api.wait(node["id"], "FAILED", timeout=60)
     assert "cellnode-test/does-not-exist:1" in failed["status_message"]
     assert len(failed["instances"]) == 1 and failed["instances"][0]["restarts"] == 0
+    assert "has failed" in api.call(node["id"], "GET", "/echo").json()["message"]
+    # An update is the owner's way to try again.
+    api.http.patch(f"/cellnode/v1/nodes/{node['id']}", json={"container": {"image": TOOLS_IMAGE}})
+    api.wait(node["id"])
+    assert api.call(node["id"], "GET", "/echo").status_code == 200
+    api.delete(node["id"])
 
 
 def test_suspend_resume_and_delete_stop_the_containers(api: Api, docker_engine: Engine) -> None:
     node = api.wait("tools-h2")
-    label = {"label": f"cellnode.node_id={node['id']}"}
+    label: dict[str, str | list[str] | bool] = {"label": f"cellnode.node_id={node['id']}"}
     api.http.post(f"/cellnode/v1/nodes/{node['id']}:suspend")
     api.wait(node["id"], "SUSPENDED")
     assert docker_engine.client.containers.list(all=True, filters=label) == []
@@ -313,3 +333,55 @@ def test_suspend_resume_and_delete_stop_the_containers(api: Api, docker_engine: 
     assert api.call(node["id"], "GET", "/echo").status_code == 200
     api.delete(node["id"])
     assert docker_engine.client.containers.list(all=True, filters=label) == []
+
+
+def test_a_cell_node_runs_in_its_kernel_image(
+    api: Api, server: ServerProcess, python_image: str, tmp_path: Path
+) -> None:
+    """The image has python3 and nothing else: no cellnode, no cloudpickle; the checkpoint is served from it."""
+    with server.client() as client:
+        _kernel_image_node(api, client, python_image, tmp_path)
+
+
+def _kernel_image_node(api: Api, client: Client, python_image: str, tmp_path: Path) -> None:
+    path = notebook(
+        tmp_path,
+        "x = 1\nscale = 3\ndef triple(x):\n    return x * scale",
+        "import sys\nprint('running on', sys.executable)\ny = triple(x)",
+    )
+    client.create_checkpoint(path, name="kernel-checkpoint")
+    created = api.http.post(
+        "/cellnode/v1/nodes",
+        json={
+            "name": "in-kernel-image",
+            "checkpoint": "kernel-checkpoint",
+            "inputs": [{"name": "x", "type": "int"}],
+            "outputs": [{"name": "y", "type": "int"}],
+            "kernel_image": {"image": python_image},
+        },
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["kernel_image"] == {
+        "image": python_image,
+        "registry_username": None,
+        "registry_password_secret": None,
+    }
+    node = api.wait(created.json()["id"])
+    assert client.execute(node["id"], {"x": 14}) == {"y": 42}
+    instance = node["instances"][0]["id"]
+    container = server_container(api, instance)
+    assert python_image in container.image.tags
+    # The cell's print, with its request ID, in the node's log.
+    lines = api.http.get(f"/cellnode/v1/nodes/{node['id']}/logs").json()["lines"]
+    assert any(line["text"].startswith("running on") and line["request_id"] != "-" for line in lines), lines
+    api.delete(node["id"])
+
+
+def server_container(api: Api, instance_id: str) -> Any:
+    import docker
+
+    engine = docker.DockerClient(base_url=api.docker_host)
+    try:
+        return engine.containers.get(f"cellnode-{instance_id}")
+    finally:
+        engine.close()
