@@ -122,7 +122,7 @@ def ensure_packages() -> None:
 
 
 def _without_proxies(environ: Mapping[str, str]) -> dict[str, str]:
-    """The engine talks to loopback registries only, never through a proxy."""
+    """The machine's proxy settings left out: the engine gets its own (see `Engine._blackhole`)."""
     proxies = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
     return {key: value for key, value in environ.items() if key.lower() not in proxies}
 
@@ -189,6 +189,9 @@ class Engine:
     process: subprocess.Popen[bytes]
     client: docker.DockerClient
     _lock: IO[str] = field(repr=False)
+    # A loopback port bound and never listening, the engine's HTTP(S) proxy: a pull from any registry but a loopback
+    # one is refused there, before any DNS lookup or packet leaves the machine.
+    _blackhole: socket.socket | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
@@ -215,6 +218,8 @@ class Engine:
         finally:
             self.pidfile.unlink(missing_ok=True)
             self._lock.close()
+            if self._blackhole is not None:
+                self._blackhole.close()
 
     def log_tail(self, size: int = 4000) -> str:
         return _tail(self.log, size)
@@ -295,6 +300,10 @@ def start_engine(root: Path, *, timeout: float = 60.0) -> Engine:
         # kept beside the data root.
         config.write_text(json.dumps({"deprecated-key-path": str(cache / "dockerd-key.json")}) + "\n")
         log = root / "dockerd.log"
+        blackhole = socket.socket()
+        blackhole.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+        proxies = {"HTTP_PROXY": nowhere, "HTTPS_PROXY": nowhere, "NO_PROXY": "127.0.0.1,localhost,::1"}
         argv = [
             dockerd,
             "--config-file", str(config),
@@ -317,7 +326,7 @@ def start_engine(root: Path, *, timeout: float = 60.0) -> Engine:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**_without_proxies(os.environ), "PATH": SYSTEM_PATH},
+                env={**_without_proxies(os.environ), "PATH": SYSTEM_PATH, **proxies},
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
@@ -331,7 +340,7 @@ def start_engine(root: Path, *, timeout: float = 60.0) -> Engine:
                 raise EngineUnavailable(ENGINE_FAILED.format(why=f"no answer in {timeout} s", log=log, tail=_tail(log)))
             time.sleep(0.1)
         client = docker.DockerClient(base_url=f"unix://{sock}", version="auto", timeout=600)
-        engine = Engine(data_root, exec_root, sock, pidfile, log, process, client, lock)
+        engine = Engine(data_root, exec_root, sock, pidfile, log, process, client, lock, blackhole)
     except BaseException:
         if "process" in locals() and process.poll() is None:
             process.kill()

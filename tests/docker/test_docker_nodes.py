@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,17 +66,51 @@ async def app(scope, receive, send):
 """
 
 
+# A gRPC service of its own: grpc.health.v1, and /demo.Echo/Say (unary) and /demo.Echo/Count (server streaming)
+# over raw bytes.
+GRPC_SERVICE = """\
+import os
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+
+def say(request, context):
+    context.set_trailing_metadata((("x-said-by", os.environ["CELLNODE_INSTANCE_ID"]),))
+    return request[::-1]
+
+
+def count(request, context):
+    for number in range(int(request)):
+        yield str(number).encode()
+
+
+handlers = {"Say": grpc.unary_unary_rpc_method_handler(say), "Count": grpc.unary_stream_rpc_method_handler(count)}
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
+checks = health.HealthServicer()
+checks.set("", health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+server.add_insecure_port(f"{os.environ['CELLNODE_HOST']}:{os.environ['PORT']}")
+server.start()
+server.wait_for_termination()
+"""
+GRPC_IMAGE = "cellnode-test/grpc-service:1"
+
+
 @pytest.fixture(scope="module")
 def images(docker_engine: Engine, service_image: str) -> dict[str, str]:
     add_file_layer(docker_engine, service_image, "/app/app.py", EXAMPLE.read_bytes(), EXAMPLE_IMAGE)
     add_file_layer(docker_engine, service_image, "/app/tools.py", TOOLS.encode(), TOOLS_IMAGE)
+    add_file_layer(docker_engine, service_image, "/app/grpc_service.py", GRPC_SERVICE.encode(), GRPC_IMAGE)
     return {"example": EXAMPLE_IMAGE, "tools": TOOLS_IMAGE}
 
 
 @pytest.fixture(scope="module")
 def server(docker_engine: Engine, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     env = {"DOCKER_HOST": docker_engine.host, "CELLNODE_TELEMETRY_INTERVAL": "0.5"}
-    process = ServerProcess(tmp_path_factory.mktemp("server"), env=env).start()
+    process = ServerProcess(tmp_path_factory.mktemp("server"), env=env, args=("--grpc-port", "0")).start()
     yield process
     process.stop()
     left = docker_engine.client.containers.list(all=True, filters={"label": "cellnode.owner"})
@@ -262,7 +297,7 @@ def test_an_alias_routes_by_header_and_names_the_node(api: Api) -> None:
     metrics = api.http.get("/metrics").text
     assert 'alias_requests_total{alias_name="datasphere.user.tools-alias"' in metrics
     # One kind of node per alias, and no mirrors for docker nodes.
-    api.create("grpc-kind", _tools(endpoint="grpc", image="cellnode-test/does-not-exist:2"))
+    api.create("grpc-kind", _tools(endpoint="grpc", port=50051), instance_count=1)
     mixed = api.http.patch(
         "/cellnode/v1/aliases/tools-alias",
         json={"nodes": [{"node": "tools", "percent": 50}, {"node": "grpc-kind", "percent": 50}]},
@@ -308,10 +343,16 @@ def test_an_image_from_a_registry_is_pulled_with_the_secrets_password(
     assert api.http.delete("/cellnode/v1/secrets/REGISTRY_PASSWORD").status_code == 409
 
 
-def test_a_missing_image_fails_the_node_at_once(api: Api) -> None:
-    node = api.create("missing", _tools(image="cellnode-test/does-not-exist:1"))
+def test_a_missing_image_fails_the_node_at_once(api: Api, registry: Registry) -> None:
+    # From the local registry: an image name without a registry would be looked up on Docker Hub (the tests'
+    # engine refuses that, through a proxy that answers nothing).
+    image = f"{registry.address}/team/does-not-exist:1"
+    secret = api.http.post("/cellnode/v1/secrets", json={"name": "MISSING_PASSWORD", "value": registry.password})
+    assert secret.status_code == 200, secret.text
+    credentials = {"registry_username": registry.user, "registry_password_secret": "MISSING_PASSWORD"}
+    node = api.create("missing", _tools(image=image, **credentials))
     failed = api.wait(node["id"], "FAILED", timeout=60)
-    assert "cellnode-test/does-not-exist:1" in failed["status_message"]
+    assert f"Image {image!r} does not exist" in failed["status_message"]
     assert len(failed["instances"]) == 1 and failed["instances"][0]["restarts"] == 0
     assert "has failed" in api.call(node["id"], "GET", "/echo").json()["message"]
     # An update is the owner's way to try again.
@@ -385,3 +426,29 @@ def server_container(api: Api, instance_id: str) -> Any:
         return engine.containers.get(f"cellnode-{instance_id}")
     finally:
         engine.close()
+
+
+def test_a_grpc_node_is_called_on_the_grpc_port_with_any_method(api: Api, server: ServerProcess) -> None:
+    check = {"type": "grpc", "interval": 1, "timeout": 1}
+    container = {"image": GRPC_IMAGE, "port": 50051, "endpoint": "grpc", "healthcheck": check}
+    container["command"] = ["python3", "/app/grpc_service.py"]
+    node = api.wait(api.create("grpc-node", container, instance_count=2)["id"])
+    metadata = (("authorization", f"Api-Key {server.key}"), ("x-node-id", node["id"]), ("x-folder-id", api.folder))
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        answer, call = say.with_call(b"olleh", metadata=metadata, timeout=10)
+        assert answer == b"hello"
+        trailers = dict(call.trailing_metadata() or ())
+        assert trailers["x-said-by"] in {i["id"] for i in node["instances"]} and trailers["x-request-id"]
+        count = channel.unary_stream("/demo.Echo/Count")
+        assert list(count(b"5", metadata=metadata, timeout=10)) == [b"0", b"1", b"2", b"3", b"4"]
+        with pytest.raises(grpc.RpcError) as refused:
+            say(b"x", metadata=metadata[1:], timeout=10)  # no credential
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as unknown:
+            channel.unary_unary("/demo.Echo/Nope")(b"x", metadata=metadata, timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the service's own answer
+    # Over HTTP, the node says where its calls go.
+    answer = api.call(node["id"], "POST", "/demo.Echo/Say")
+    assert answer.status_code == 503 and "gRPC port" in answer.json()["message"]
+    api.delete(node["id"])
