@@ -227,6 +227,8 @@ def update_node(
         if rolls:
             node.generation += 1
             node.rollout_error = ""  # a new roll starts clean
+            if node.status == "FAILED":  # the supervisor tries the new generation: no longer failed from now on
+                node.status, node.status_message = "UNHEALTHY", "Starting instances of the updated node."
         session.flush()
         out = node_out(session, node)
     svc.supervisor.notify()

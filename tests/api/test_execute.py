@@ -247,7 +247,7 @@ def test_no_ready_instance(http: httpx.Client, client: Client, server: ServerPro
     response = http.post(
         f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": node["folder_id"], "input": {}}
     )
-    body = status(response, 503, 14, "no ready instance", "FAILED")
+    body = status(response, 503, 14, "has failed", "retrying will not help")
     assert "payload" not in body["message"], "the reason (which can quote the node's log) is for the owner only"
     client.delete_node(node["id"])
     client.delete_checkpoint("corrupt-checkpoint")
