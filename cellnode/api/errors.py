@@ -59,8 +59,9 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
         if error["type"] == "value_error":
             # Our own validators' messages name the values they refuse; pydantic's prefix adds nothing.
             message = message.removeprefix("Value error, ")
-        # A check of the whole body (fields that must agree) would echo all of it, secret values included.
-        echo = "input" in error and error["type"] != "missing" and location
+        # A check of a whole object (fields that must agree, in the body or nested) would echo all of it, secret
+        # values included; its message names the values it refuses.
+        echo = "input" in error and error["type"] != "missing" and location and not isinstance(error["input"], dict)
         if echo and str(error["loc"][-1]) in SENSITIVE_FIELDS:
             echo = False  # a secret's value, say: never repeated back, not even in an error
         value = f" (got {_shorten(repr(error['input']))})" if echo else ""

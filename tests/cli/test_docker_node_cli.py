@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cellnode.client import Client
@@ -271,3 +272,16 @@ def test_sdk_create_update_and_request(api: Client) -> None:
         api.request("no-such-node", "GET", "/")
     with pytest.raises(InvalidArgument, match="under cellnode's own API"):
         api.request("sdk-node", "GET", "/cellnode/v1/nodes")
+
+
+def test_an_object_check_names_the_value_without_echoing_the_object(engineless: ServerProcess) -> None:
+    container = {"image": "127.0.0.1:5000/team/model:1", "port": 8080, "registry_username": "json_key"}
+    answer = httpx.post(
+        engineless.url + "/cellnode/v1/nodes",
+        json={"name": "half-credentials", "container": container},
+        headers={"authorization": f"Api-Key {engineless.key}"},
+    )
+    assert answer.status_code == 400, answer.text
+    message = answer.json()["message"]
+    assert "registry_username 'json_key' is given without registry_password_secret" in message
+    assert "127.0.0.1:5000/team/model:1" not in message  # the object is not repeated back
