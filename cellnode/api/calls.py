@@ -22,12 +22,13 @@ from cellnode.api.dispatch import check_caller, check_cell, check_folder, check_
 from cellnode.api.shadows import mirror, settle_shadows
 from cellnode.exceptions import (
     APIError,
+    InvalidArgument,
     Unavailable,
 )
 from cellnode.iam.credentials import Caller
 from cellnode.router.alias import AliasRoute, pick, pick_sticky
 from cellnode.router.instance import NotStarted
-from cellnode.router.table import RoutingTable
+from cellnode.router.table import NodeRoute, RoutingTable
 
 # The header (gRPC: metadata) whose value routes an alias call to the same node every time.
 ROUTE_KEY = "x-cellnode-route-key"
@@ -109,6 +110,28 @@ async def run_alias(svc: Services, call: Call, name: str) -> bytes:
         count_outcome(svc, alias, node_id, 200)
         settle_shadows(svc, alias, node_id, shadows, started, output, 200, call.request_id)
         return output
+
+
+async def named_target(
+    svc: Services, caller: Caller, folder_id: str, node_id: str | None, alias_name: str | None
+) -> tuple[NodeRoute | None, AliasRoute | None]:
+    """The node or the alias a pass-through call names in its headers (metadata), once its folder is in the ACL and
+    the caller may call from it (a public alias takes any caller): `(route, None)` or `(None, alias)`."""
+    if node_id and alias_name:
+        raise InvalidArgument(
+            f"The call names both node {node_id!r} (x-node-id) and alias {alias_name!r} (x-node-alias); send one of "
+            "the two."
+        )
+    if alias_name:
+        alias = svc.table.get_alias(alias_name)
+        if not alias.public:
+            check_folder(alias.acl, folder_id, f"alias {alias.name!r}")
+            await check_caller(svc, caller, folder_id, f"alias {alias.name!r}")
+        return None, alias
+    route = svc.table.get(node_id or "")
+    check_folder(route.acl, folder_id, f"node {route.node_id!r}")
+    await check_caller(svc, caller, folder_id, f"node {route.node_id!r}")
+    return route, None
 
 
 def _any_left(table: RoutingTable, alias: AliasRoute, tried: set[str]) -> bool:

@@ -24,11 +24,11 @@ import time
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from cellnode.api.calls import ROUTE_KEY, choose_node, count_outcome
+from cellnode.api.calls import ROUTE_KEY, choose_node, count_outcome, named_target
 from cellnode.api.deps import Services, client_of
-from cellnode.api.dispatch import MAX_ATTEMPTS, check_caller, check_folder
+from cellnode.api.dispatch import MAX_ATTEMPTS
 from cellnode.api.errors import error_response
-from cellnode.exceptions import APIError, InternalError, InvalidArgument, NotFound, ResponseAborted, Unavailable
+from cellnode.exceptions import APIError, InternalError, NotFound, ResponseAborted, Unavailable
 from cellnode.iam.audit import DENIED
 from cellnode.iam.credentials import Caller
 from cellnode.router.alias import AliasRoute
@@ -82,24 +82,8 @@ class PassThrough:
         served = [node_id or ""]  # the node that took the request, once one has
         try:
             caller = await svc.auth.authenticate(request.headers.get("authorization"), client_of(scope))
-            if node_id and alias_name:
-                raise InvalidArgument(
-                    f"The request names both node {node_id!r} (x-node-id) and alias {alias_name!r} (x-node-alias); "
-                    "send one of the two headers."
-                )
-            folder_id = request.headers.get("x-folder-id")
-            if alias_name:
-                alias = svc.table.get_alias(alias_name)
-                if not alias.public:
-                    check_folder(alias.acl, folder_id, f"alias {alias.name!r}")
-                    await check_caller(svc, caller, folder_id or "", f"alias {alias.name!r}")
-                kind = _alias_kind(svc, alias)
-            else:
-                assert node_id, "routed_by_header saw a header"
-                route = svc.table.get(node_id)
-                check_folder(route.acl, folder_id, f"node {route.node_id!r}")
-                await check_caller(svc, caller, folder_id or "", f"node {route.node_id!r}")
-                kind = route.kind
+            route, alias = await named_target(svc, caller, _header(scope, b"x-folder-id") or "", node_id, alias_name)
+            kind = _alias_kind(svc, alias) if alias is not None else route.kind if route is not None else "cell"
             if kind == "cell":
                 raise NotFound(
                     f"{scope['method']} {scope['path']}: the node is a cell node, which answers only POST / with its "

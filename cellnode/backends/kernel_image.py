@@ -69,8 +69,8 @@ import cellnode
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
 from cellnode.backends.container import CONFIG_CHECKS, ContainerBackend, ContainerConfig, ContainerHandle, RunDir
 from cellnode.backends.container_logs import ENGINE_ERRORS
+from cellnode.backends.local import ping
 from cellnode.runtime.instance import MAX_SOCKET_PATH
-from cellnode.runtime.protocol import PING, PONG, encode, read_frame
 
 CODE_ROOT = "/opt/cellnode"
 SPEC_PATH = "/cellnode/launch.json"
@@ -501,24 +501,6 @@ def runtime_mounts() -> list[dict[str, str]]:
     ]
     mounts.append({"source": str(Path(cloudpickle.__file__).parent), "target": f"{CODE_ROOT}/cloudpickle"})
     return mounts
-
-
-async def ping(address: str, timeout: float) -> bool:
-    """Whether the runtime at the Unix socket `address` answers PING within `timeout`."""
-    try:
-        reader, writer = await asyncio.open_unix_connection(address)
-    except OSError:
-        return False
-    try:
-        writer.write(encode(PING))
-        kind, _ = await asyncio.wait_for(read_frame(reader), timeout)
-        return kind == PONG
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 def _cmdline(pid: int) -> bytes:

@@ -94,7 +94,7 @@ class LocalInstanceHandle(InstanceHandle):
         while True:
             if self.returncode is not None:
                 raise InstanceFailed(self._failure(f"exited with code {self.returncode} before it was ready"))
-            if await self._ping(max(0.0, deadline - loop.time())):
+            if await ping(self.address, max(0.0, deadline - loop.time())):
                 self._ready_after = loop.time() - self._created
                 return
             if loop.time() >= deadline:
@@ -195,22 +195,6 @@ class LocalInstanceHandle(InstanceHandle):
             os.close(self._pidfd)
             self._pidfd = None
 
-    async def _ping(self, timeout: float) -> bool:
-        try:
-            reader, writer = await asyncio.open_unix_connection(self.address)
-        except OSError:
-            return False
-        try:
-            writer.write(encode(PING))
-            kind, _ = await asyncio.wait_for(read_frame(reader), timeout)
-            return kind == PONG
-        except (OSError, TimeoutError):
-            return False
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
     def _failure(self, what: str) -> str:
         line = self.last_log_line()
         said = f"; its last log line: {line}" if line else "; it logged nothing"
@@ -288,3 +272,22 @@ def last_line(path: Path) -> str:
         if text.strip():
             return text.strip()
     return ""
+
+
+async def ping(address: str, timeout: float) -> bool:
+    """Whether the runtime at the Unix socket `address` answers PING within `timeout` (an instance of the local or
+    the kernel image backend)."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(address)
+    except OSError:
+        return False
+    try:
+        writer.write(encode(PING))
+        kind, _ = await asyncio.wait_for(read_frame(reader), timeout)
+        return kind == PONG
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -67,7 +67,7 @@ class GrpcFront:
         }
         self.discovery = Discovery(self)
         self._methods.update(self.discovery.handlers())
-        self.nodes = GrpcNodes(svc, DEADLINE_MARGIN)
+        self.nodes = GrpcNodes(svc, DEADLINE_MARGIN, self._audit_denied)
 
     async def start(self, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
         """Listen on `host:port` (0 picks a port) and serve; the port it listens on."""

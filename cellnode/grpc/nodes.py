@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cellnode.api.calls import ROUTE_KEY, choose_node, count_outcome
-from cellnode.api.dispatch import MAX_ATTEMPTS, check_caller, check_folder
+from cellnode.api.calls import ROUTE_KEY, choose_node, count_outcome, named_target
+from cellnode.api.dispatch import MAX_ATTEMPTS
 from cellnode.api.passthrough import PathLabels
 from cellnode.exceptions import (
     APIError,
     DeadlineExceeded,
     FailedPrecondition,
     InternalError,
-    InvalidArgument,
     Unavailable,
 )
 from cellnode.grpc.passthrough import GrpcProxyInstance
@@ -60,9 +59,10 @@ def names_a_node(metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
 class GrpcNodes:
     """Serves the calls `names_a_node` picks, for methods the front does not have."""
 
-    def __init__(self, svc: Services, deadline_margin: float) -> None:
+    def __init__(self, svc: Services, deadline_margin: float, audit_denied: Callable[[Rpc, int], None]) -> None:
         self.svc = svc
         self.deadline_margin = deadline_margin
+        self.audit_denied = audit_denied  # the front's, which records a denied call
         self.paths = PathLabels()
 
     def handler(self, method: str) -> grpc.RpcMethodHandler[Any, Any]:
@@ -83,24 +83,9 @@ class GrpcNodes:
         try:
             rpc.caller = await self.svc.auth.authenticate(rpc.metadata.get("authorization"), rpc.client)
             node_name, alias_name = rpc.metadata.get("x-node-id"), rpc.metadata.get("x-node-alias")
-            if node_name and alias_name:
-                raise InvalidArgument(
-                    f"The call names both node {node_name!r} (x-node-id) and alias {alias_name!r} (x-node-alias); "
-                    "send one of the two."
-                )
-            rpc.folder_id = folder_id = rpc.metadata.get("x-folder-id", "")
-            route: NodeRoute | None = None
-            if alias_name:
-                rpc.named = ("alias", alias_name)
-                alias = self.svc.table.get_alias(alias_name)
-                if not alias.public:
-                    check_folder(alias.acl, folder_id, f"alias {alias.name!r}")
-                    await check_caller(self.svc, rpc.caller, folder_id, f"alias {alias.name!r}")
-            else:
-                rpc.named = ("node", node_name or "")
-                route = self.svc.table.get(node_name or "")
-                check_folder(route.acl, folder_id, f"node {route.node_id!r}")
-                await check_caller(self.svc, rpc.caller, folder_id, f"node {route.node_id!r}")
+            rpc.named = ("alias", alias_name) if alias_name else ("node", node_name or "")
+            rpc.folder_id = rpc.metadata.get("x-folder-id", "")
+            route, alias = await named_target(self.svc, rpc.caller, rpc.folder_id, node_name, alias_name)
             code = await self._forward(method, requests, context, rpc, route, alias, served)
         except APIError as exc:
             error = exc
@@ -118,7 +103,7 @@ class GrpcNodes:
         if error is None:
             return
         if error.status_code in DENIED:
-            self._audit(rpc, error.status_code)
+            self.audit_denied(rpc, error.status_code)
         trailer: list[tuple[str, str | bytes]] = [("x-node-id", served[0])] if alias is not None and served[0] else []
         await abort(context, error, rpc.request_id, trailer)
 
@@ -180,19 +165,6 @@ class GrpcNodes:
         if node_id and self.svc.table.find(node_id) is not None:
             label = self.paths.label(node_id, method)
             self.svc.metrics.observe(node_id, label, code, milliseconds, grpc=True)
-
-    def _audit(self, rpc: Rpc, code: int) -> None:
-        kind, named = rpc.named if rpc.named is not None else ("node", "")
-        self.svc.audit.record(
-            action="aliases.execute" if kind == "alias" else "nodes.execute",
-            code=code,
-            resource=f"{kind}/{named}" if named else "",
-            folder=rpc.folder_id or None,
-            caller=rpc.caller,
-            client=rpc.client,
-            request_id=rpc.request_id,
-            result="denied",
-        )
 
 
 async def _to_instance(

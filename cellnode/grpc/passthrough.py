@@ -34,9 +34,10 @@ from typing import Any
 
 import grpc
 
-from cellnode.config import MAX_MESSAGE_BYTES, is_loopback
+from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import APIError, DeadlineExceeded, PayloadTooLarge, Unavailable
 from cellnode.router.instance import TIMED_OUT, NotStarted
+from cellnode.router.proxied import ProxiedInstance
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -80,7 +81,7 @@ ANSWER_TOO_LARGE = (
 )
 
 
-class GrpcProxyInstance:
+class GrpcProxyInstance(ProxiedInstance):
     """One container instance with a gRPC endpoint, as the front routes to it.
 
     It has the surface `NodeRoute.choose()` reads (`instance_id`, `node_id`, `timeout`, `is_alive`, `outstanding`)
@@ -110,13 +111,8 @@ class GrpcProxyInstance:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_message: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        if not is_loopback(address.rpartition(":")[0].strip("[]")):
-            raise ValueError(f"Instance address {address!r} is not on loopback (127.0.0.0/8 or ::1); give one that is.")
         assert 0 < max_message < 2**30, f"max_message {max_message!r} must be between 1 byte and 1 GiB"
-        self.instance_id = instance_id
-        self.node_id = node_id
-        self.address = address
-        self.timeout = timeout
+        super().__init__(instance_id, node_id, address, timeout)
         self.max_message = max_message
         # Up to twice the limit the transport takes a message, so that ours (which names the limit) refuses it.
         transport_limit = 2 * max_message
@@ -133,39 +129,8 @@ class GrpcProxyInstance:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         self._channel: grpc.aio.Channel | None = None
-        self._is_alive = True
-        self._closing: asyncio.Task[None] | None = None
-        self._outstanding = 0
 
-    @property
-    def is_alive(self) -> bool:
-        """Whether the router may choose this instance: the health check sets it; False for good after `close()`."""
-        return self._is_alive and self._closing is None
-
-    @is_alive.setter
-    def is_alive(self, value: bool) -> None:
-        self._is_alive = value
-
-    @property
-    def outstanding(self) -> int:
-        """Calls under way on this instance, from the call of `forward` to the end of the answer."""
-        return self._outstanding
-
-    def close(self) -> None:
-        """Take the instance out of service and close its channel, in the background (`aclose()` waits).
-
-        Calls still under way on it end with Unavailable: drain it first (wait for `outstanding` to fall to 0).
-        """
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close_channel())
-
-    async def aclose(self) -> None:
-        """`close()`, and wait until the channel is closed."""
-        self.close()
-        assert self._closing is not None
-        await self._closing
-
-    async def _close_channel(self) -> None:
+    async def _shut(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 

@@ -38,7 +38,7 @@ from urllib.parse import quote
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from cellnode.config import MAX_MESSAGE_BYTES, is_loopback
+from cellnode.config import MAX_MESSAGE_BYTES
 from cellnode.exceptions import (
     DeadlineExceeded,
     InvalidArgument,
@@ -47,6 +47,7 @@ from cellnode.exceptions import (
     Unavailable,
 )
 from cellnode.router.instance import TIMED_OUT, NotStarted
+from cellnode.router.proxied import ProxiedInstance
 
 HOP_BY_HOP = frozenset(
     {
@@ -71,7 +72,7 @@ TOO_LARGE = "The request body is {size} bytes, over the {mb:g} MB limit ({limit}
 CLIENT_LEFT = "The client closed the connection before it sent the whole request body."
 
 
-class ProxyInstance:
+class ProxyInstance(ProxiedInstance):
     """One container instance with an HTTP or HTTP/2 endpoint, as the front routes to it.
 
     It has the surface `NodeRoute.choose()` reads (`instance_id`, `node_id`, `timeout`, `is_alive`, `outstanding`)
@@ -104,13 +105,8 @@ class ProxyInstance:
     ) -> None:
         if endpoint not in ("http", "http2"):
             raise ValueError(f"Endpoint {endpoint!r} cannot be proxied over HTTP; it must be 'http' or 'http2'.")
-        if not is_loopback(address.rpartition(":")[0].strip("[]")):
-            raise ValueError(f"Instance address {address!r} is not on loopback (127.0.0.0/8 or ::1); give one that is.")
-        self.instance_id = instance_id
-        self.node_id = node_id
-        self.address = address
+        super().__init__(instance_id, node_id, address, timeout)
         self.endpoint = endpoint
-        self.timeout = timeout
         self.max_body = max_body
         self._base = httpx.URL(f"http://{address}/")
         self._host = address.encode()
@@ -120,38 +116,9 @@ class ProxyInstance:
         self._transport = httpx.AsyncHTTPTransport(
             verify=False, trust_env=False, http1=endpoint == "http", http2=endpoint == "http2", limits=limits
         )
-        self._is_alive = True
-        self._closing: asyncio.Task[None] | None = None
-        self._outstanding = 0
-        self.pid: int | None = None  # the container's main process, set by whoever started it
 
-    @property
-    def is_alive(self) -> bool:
-        """Whether the router may choose this instance: the health check sets it; False for good after `close()`."""
-        return self._is_alive and self._closing is None
-
-    @is_alive.setter
-    def is_alive(self, value: bool) -> None:
-        self._is_alive = value
-
-    @property
-    def outstanding(self) -> int:
-        """Requests under way on this instance, from the call of `forward` to the end of the response's body."""
-        return self._outstanding
-
-    def close(self) -> None:
-        """Take the instance out of service and close its connections, in the background (`aclose()` waits).
-
-        Requests still under way on it fail: drain it first (wait for `outstanding` to fall to 0).
-        """
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._transport.aclose())
-
-    async def aclose(self) -> None:
-        """`close()`, and wait until the connections are closed."""
-        self.close()
-        assert self._closing is not None
-        await self._closing
+    async def _shut(self) -> None:
+        await self._transport.aclose()
 
     async def forward(
         self,

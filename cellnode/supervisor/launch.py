@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from cellnode.backends.base import InstanceFailed
 from cellnode.exceptions import ConfigError
 from cellnode.iam.secrets import SecretBox
+from cellnode.router.proxied import ProxiedInstance
 from cellnode.router.proxy import DEFAULT_LIMITS, ProxyInstance
 from cellnode.store.models import Node, Secret
 from cellnode.supervisor.specs import Spec
@@ -83,12 +84,12 @@ def kernel_launch(node: Node, spec: Spec, cpus_here: int, auth: dict[str, str] |
     return {"image": node.container["image"], "registry_auth": auth, "cpus": float(max(1, min(spec.vcpu, cpus_here)))}
 
 
-def proxy_instance(node: Node, instance_id: str, address: str, pid: int | None) -> Any:
+def proxy_instance(node: Node, instance_id: str, address: str, pid: int | None) -> ProxiedInstance:
     """What the front routes a docker node's requests to: an HTTP proxy, or a gRPC one for a gRPC endpoint."""
     container = node.container
     assert container is not None, "a docker node has container settings"
     idle = float(container.get("idle_timeout", 300.0))
-    instance: Any
+    instance: ProxiedInstance
     if container["endpoint"] == "grpc":
         from cellnode.grpc.passthrough import GrpcProxyInstance
 

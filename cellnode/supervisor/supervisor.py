@@ -34,13 +34,14 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
-from cellnode.backends.container import ContainerBackend
+from cellnode.backends.container import ContainerBackend, ContainerHandle
 from cellnode.backends.health import HealthMonitor
 from cellnode.checkpoint.blobs import BlobStore
 from cellnode.exceptions import ConfigError, Unavailable
 from cellnode.iam.secrets import SecretBox
 from cellnode.router.alias import AliasRoute, Share, shift_away
 from cellnode.router.instance import Instance
+from cellnode.router.proxied import ProxiedInstance
 from cellnode.router.table import NodeRoute, Routable, RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
@@ -79,7 +80,6 @@ class _Running:
     instance: Routable  # a cell node's Instance, or a docker node's proxy
     spec: Spec
     watcher: asyncio.Task[None] | None = None
-    health: HealthMonitor | None = None  # a docker node's load-balancer check, while the instance is live
     hung: bool = False  # killed because it did not answer a liveness check
     over_memory: str = ""  # why it was killed for passing its memory cap
 
@@ -866,17 +866,16 @@ class Supervisor:
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
         """While the instance runs: its health checks and metrics scrapes (a docker node's); then, once it has ended
         without being asked to, its replacement."""
-        instance_id = running.handle.instance_id
-        telemetry_port = getattr(running.handle, "telemetry_port", None)
-        if self._scraper is not None and telemetry_port is not None:
-            path = getattr(running.handle, "telemetry_path", "/metrics")
-            self._scraper.add(node_id, instance_id, f"http://127.0.0.1:{telemetry_port}{path}")
-        check = getattr(running.handle, "health_check", None)
+        instance_id, handle = running.handle.instance_id, running.handle
+        container = handle if isinstance(handle, ContainerHandle) else None
+        if self._scraper is not None and container is not None and container.telemetry_port is not None:
+            url = f"http://127.0.0.1:{container.telemetry_port}{container.telemetry_path}"
+            self._scraper.add(node_id, instance_id, url)
         health = None
-        if check is not None:
-            running.health = HealthMonitor(check, healthy=True)
+        if container is not None and container.health_check is not None:
+            monitor = HealthMonitor(container.health_check, healthy=True)
             health = self._spawn(
-                running.health.run(lambda healthy, why: self._health_changed(node_id, running, healthy, why)),
+                monitor.run(lambda healthy, why: self._health_changed(node_id, running, healthy, why)),
                 f"health-{running.handle.instance_id}",
             )
         try:
@@ -919,11 +918,11 @@ class Supervisor:
             self._count_restart(node_id, "memory")
             await self._crashed(node_id, slot, running.over_memory, permanent=False)
             return
-        if getattr(running.handle, "oom_killed", False):
+        if isinstance(running.handle, ContainerHandle) and running.handle.oom_killed:
             self._count_restart(node_id, "memory")
-            limit = getattr(running.handle, "memory_bytes", None)
             reason = (
-                f"Instance {running.handle.instance_id} passed its container's memory limit ({limit} bytes), so the "
+                f"Instance {running.handle.instance_id} passed its container's memory limit "
+                f"({running.handle.memory_bytes} bytes), so the "
                 "engine killed it. Give the node more memory (--memory, or a larger spec), or make its service use "
                 "less."
             )
@@ -937,7 +936,8 @@ class Supervisor:
     async def _health_changed(self, node_id: str, running: _Running, healthy: bool, why: str) -> None:
         """A docker node's instance passed or failed its health check enough times in a row: in or out of rotation."""
         instance_id = running.handle.instance_id
-        running.instance.is_alive = healthy  # type: ignore[misc]  # a proxy's is settable
+        assert isinstance(running.instance, ProxiedInstance), "only docker nodes' instances have health checks"
+        running.instance.is_alive = healthy
         if healthy:
             logger.info("Node %s: instance %s passes its health check again; back in rotation.", node_id, instance_id)
         else:

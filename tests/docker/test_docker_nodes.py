@@ -225,6 +225,8 @@ def test_requests_are_authenticated_and_checked_against_the_acl(api: Api) -> Non
     assert stranger.status_code == 403 and "not in the ACL" in stranger.json()["message"]
     unknown = api.call("nosuchnode", "GET", "/")
     assert unknown.status_code == 404
+    both = api.call(node["id"], "GET", "/health-check", headers={"x-node-alias": "datasphere.user.any"})
+    assert both.status_code == 400 and "send one of the two" in both.json()["message"]
     # The execute API is for cell nodes, and says where a docker node's requests go.
     execute = api.http.post(f"/datasphere/v1/nodes/{node['id']}:execute", json={"folder_id": api.folder, "input": {}})
     assert execute.status_code == 409 and "x-node-id" in execute.json()["message"]
