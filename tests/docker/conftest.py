@@ -1,8 +1,9 @@
 """Session fixtures for tests that need a real Docker engine: a private dockerd, locally built images, a registry.
 
 The engine is ours (`tests/docker_engine.py`): Debian's docker.io, installed when missing, started on a socket of
-its own with no bridge and no iptables rules. If it truly cannot start here, every test that needs it is skipped
-with the reason, and the reason is repeated in a red section at the end of the run, so CI output shows it.
+its own with no bridge and no iptables rules; images come from `tests/docker_images.py` and the registry from
+`tests/docker_registry.py`. If the engine truly cannot start here, every test that needs it is skipped with the
+reason, and the reason is repeated in a red section at the end of the run, so CI output shows it.
 """
 
 from __future__ import annotations
@@ -14,17 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.docker_engine import (
-    Engine,
-    EngineUnavailable,
-    Registry,
-    build_python_image,
-    build_service_image,
-    ensure_packages,
-    remove_registry_tags,
-    start_engine,
-    start_registry,
-)
+from tests.docker_engine import Engine, EngineUnavailable, ensure_packages, remove_registry_tags, start_engine
+from tests.docker_images import build_python_image, build_service_image
+from tests.docker_registry import Registry, start_registry
 
 UNAVAILABLE: list[str] = []
 TIMINGS: dict[str, float] = {}

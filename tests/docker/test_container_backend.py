@@ -18,7 +18,9 @@ from cellnode.backends.base import InstanceFailed, InstanceSpec
 from cellnode.backends.container import ContainerBackend, ContainerFailed, ContainerHandle
 from cellnode.backends.health import HealthCheck, HealthMonitor, port_open, probe
 from cellnode.telemetry.logs import read_logs
-from tests.docker_engine import Engine, Registry, free_port, push_image, write_app
+from tests.docker_engine import Engine, free_port
+from tests.docker_images import write_app
+from tests.docker_registry import Registry, push_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
 

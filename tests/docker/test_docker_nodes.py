@@ -16,7 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cellnode.client import Client
-from tests.docker_engine import Engine, Registry, add_file_layer, push_image
+from tests.docker_engine import Engine
+from tests.docker_images import add_file_layer
+from tests.docker_registry import Registry, push_image
 from tests.helpers import ServerProcess, notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]

@@ -18,7 +18,9 @@ import requests
 from docker.models.containers import Container
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.docker_engine import Engine, Registry, add_file_layer, free_port, push_image, running, write_app
+from tests.docker_engine import Engine, free_port, running
+from tests.docker_images import add_file_layer, write_app
+from tests.docker_registry import Registry, push_image
 
 # A cold cache builds the images inside the first test's setup (a minute or two); a warm one takes seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
@@ -96,6 +98,13 @@ def test_engine_is_private_and_host_networked(docker_engine: Engine) -> None:
     # Loopback registries count as insecure by default, so plain-HTTP pushes to 127.0.0.1 need no flag.
     assert "127.0.0.0/8" in info["RegistryConfig"]["InsecureRegistryCIDRs"]
     assert docker_engine.host == f"unix://{docker_engine.socket}"
+
+
+def test_a_public_registry_is_never_reached(docker_engine: Engine) -> None:
+    """A pull from Docker Hub (or any registry off loopback) stops at the engine's refusing proxy on 127.0.0.1."""
+    with pytest.raises(docker.errors.APIError) as caught:
+        docker_engine.client.images.pull("cellnode-tests-never-pulled", tag="1")
+    assert f"proxyconnect tcp: dial tcp {docker_engine.proxy}: connect: connection refused" in str(caught.value)
 
 
 def test_python_image_serves_http_on_loopback(docker_engine: Engine, python_image: str) -> None:
