@@ -174,4 +174,4 @@ def count_outcome(svc: Services, alias: AliasRoute, node_id: str, code: int) -> 
     """Feed the alias's rollback watch: 5xx answers count as the node's errors (4xx are the caller's)."""
     rate = alias.stats.outcome(alias.rollback, node_id, code >= 500, time.monotonic())
     if rate is not None:
-        svc.supervisor.roll_back(alias, node_id, rate)
+        svc.supervisor.aliases.roll_back(alias, node_id, rate)

@@ -1,25 +1,29 @@
 """What the supervisor gives a backend to start an instance of a docker node, or of a cell node in a kernel image, and
-what the front routes to once a docker node's instance is ready (a cell node's runtime launch spec is built in
-`Supervisor._instance_spec`).
+what the front routes to once a docker node's instance is ready; and a cell node's runtime launch spec
+(`InstanceSpecs`).
 
 A docker node's stored container settings (`cellnode.api.containers`) become the container backend's
-`launch["container"]` (`cellnode.backends.container`): the spec's CPUs and RAM as limits (the node's own memory
+`launch["container"]` (`cellnode.backends.container_config`): the spec's CPUs and RAM as limits (the node's own memory
 limit when it has one), its registry password decrypted from its secret, its health check and telemetry ports.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlalchemy.orm import Session
 
-from cellnode.backends.base import InstanceFailed
+from cellnode.backends.base import InstanceFailed, InstanceSpec
+from cellnode.checkpoint.blobs import BlobStore
 from cellnode.exceptions import ConfigError
 from cellnode.iam.secrets import SecretBox
 from cellnode.router.proxied import ProxiedInstance
 from cellnode.router.proxy import DEFAULT_LIMITS, ProxyInstance
-from cellnode.store.models import Node, Secret
+from cellnode.store.db import Database
+from cellnode.store.models import Checkpoint, Node, Secret
 from cellnode.supervisor.specs import Spec
 
 
@@ -103,3 +107,83 @@ def proxy_instance(node: Node, instance_id: str, address: str, pid: int | None) 
         instance = ProxyInstance(instance_id, node.id, address, container["endpoint"], node.timeout, limits=limits)
     instance.pid = pid
     return instance
+
+
+@dataclass
+class InstanceSpecs:
+    """Builds each instance's launch spec from the store: a cell node's runtime spec (its cell, checkpoint variables
+    and state policy) or a docker node's container, with the node's secrets decrypted at that moment."""
+
+    db: Database
+    blobs: BlobStore
+    specs: dict[str, Spec]
+    logs_dir: Path
+    secret_box: SecretBox | None
+    cpus: int
+
+    def build(self, node: Node, instance_id: str, zone: dict[str, str]) -> InstanceSpec:
+        """The backend's launch spec of one instance: the node's settings, checkpoint and secrets as of now."""
+        spec = self.specs.get(node.spec)
+        if spec is None:
+            raise InstanceFailed(
+                f"Spec {node.spec!r} of the node is not in this server's spec table; add it back to the table, "
+                "or update the node to another spec."
+            )
+        if node.type == "docker":
+            with self.db.session() as session:
+                auth = registry_auth(session, self.secret_box, node)
+                secrets = self._secret_env(session, node)
+            return InstanceSpec(
+                node_id=node.id,
+                instance_id=instance_id,
+                launch=container_launch(node, spec, self.cpus, auth),
+                log_path=self.logs_dir / node.id,
+                env={**secrets, **spec.environment(self.cpus)},
+                zone=zone["zone"],
+                subnet=zone.get("subnet", ""),
+            )
+        with self.db.session() as session:
+            checkpoint = session.get(Checkpoint, node.checkpoint_id)
+            if checkpoint is None:
+                raise InstanceFailed(f"Checkpoint {node.checkpoint_id!r} of the node no longer exists.")
+            variables = [
+                {"name": v["name"], "path": str(self.blobs.path(v["sha256"])), "sha256": v["sha256"]}
+                for v in checkpoint.variables
+            ]
+            imports = dict(checkpoint.imports)
+            secrets = self._secret_env(session, node)
+            kernel = None
+            if node.container is not None:  # a kernel image: the instance runs in a container of it
+                kernel = kernel_launch(node, spec, self.cpus, registry_auth(session, self.secret_box, node))
+                kernel["python_version"] = checkpoint.python_version
+        launch = {
+            "node_id": node.id,
+            "instance_id": instance_id,
+            "cell": {"source": node.cell_code, "uses_ipython": node.uses_ipython},
+            "inputs": {v["name"]: v["type"] for v in node.inputs},
+            "outputs": {v["name"]: v["type"] for v in node.outputs},
+            "variables": variables,
+            "imports": imports,
+            "state": node.state,
+        }
+        if kernel is not None:
+            launch["kernel_image"] = kernel
+        return InstanceSpec(
+            node_id=node.id,
+            instance_id=instance_id,
+            launch=launch,
+            log_path=self.logs_dir / node.id,
+            env={**secrets, **spec.environment(self.cpus)},
+            zone=zone["zone"],
+            subnet=zone.get("subnet", ""),
+        )
+
+    def _secret_env(self, session: Session, node: Node) -> dict[str, str]:
+        """The node's secrets, decrypted now, so that a changed value reaches every instance started from here on."""
+        if not node.secrets:
+            return {}
+        assert self.secret_box is not None, "a server with secrets gives its supervisor a SecretBox"
+        try:
+            return self.secret_box.environment(session, node.secrets, node.id)
+        except ConfigError as exc:  # gone or undecryptable; the message names the secret, never a value
+            raise InstanceFailed(f"The node's secrets cannot be given to the instance: {exc}") from exc

@@ -13,41 +13,37 @@ Every second the supervisor also reads each instance's resident memory (with its
 RAM is killed and replaced, with the reason kept.
 
 It also keeps the aliases of the routing table in line with the store (changes made through another server that
-shares the database arrive within a reconcile interval), and writes the automatic rollbacks the front asks for.
+shares the database arrive within a reconcile interval), and writes the automatic rollbacks the front asks for
+(`cellnode.supervisor.aliases.AliasKeeper`). Its reads and writes of the store are `cellnode.supervisor.records`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
-
-from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
+from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle
 from cellnode.backends.container import ContainerBackend, ContainerHandle
 from cellnode.backends.health import HealthMonitor
 from cellnode.checkpoint.blobs import BlobStore
-from cellnode.exceptions import ConfigError, Unavailable
+from cellnode.exceptions import Unavailable
 from cellnode.iam.secrets import SecretBox
-from cellnode.router.alias import AliasRoute, Share, shift_away
 from cellnode.router.instance import Instance
 from cellnode.router.proxied import ProxiedInstance
 from cellnode.router.table import NodeRoute, Routable, RoutingTable
 from cellnode.store.db import Database
-from cellnode.store.models import Checkpoint, Instance as InstanceRow, Node, Usage, new_id, utcnow
-from cellnode.supervisor.aliases import load_alias_routes, write_rollback
+from cellnode.store.models import Node, new_id
+from cellnode.supervisor.aliases import AliasKeeper
 from cellnode.supervisor.autoscale import SAMPLE_INTERVAL, AutoscalePolicy, Scaler
-from cellnode.supervisor.launch import container_launch, kernel_launch, proxy_instance, registry_auth
+from cellnode.supervisor.launch import InstanceSpecs, proxy_instance
+from cellnode.supervisor.processes import exists, resident_bytes
+from cellnode.supervisor.records import HOST, Records
 from cellnode.supervisor.specs import GIB, REFERENCE_SPECS, Spec, count_cpus
 from cellnode.telemetry.logs import prune_logs
 from cellnode.telemetry.metrics import Metrics
@@ -60,10 +56,8 @@ RECONCILE_INTERVAL = 2.0
 PERMANENT_EXIT_CODES = {2, 3, 4}
 CRASH_WINDOW = 60.0
 MAX_CRASHES = 3
-HOST = socket.gethostname()
 LOG_PRUNE_INTERVAL = 300.0
 PREVIOUS_RUN_GRACE = 10.0  # seconds a previous server's instance may take to exit after that server died
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class LaunchFailed(Exception):
@@ -138,12 +132,14 @@ class Supervisor:
         self._liveness_interval, self._liveness_timeout = liveness
         self._autoscale = autoscale or AutoscalePolicy()
         self._metrics = metrics
-        self._statuses: dict[str, tuple[str, str]] = {}  # instance_id -> (node_id, status), for /metrics
         if metrics is not None:
             metrics.view = self.view
         self._specs = specs if specs is not None else dict(REFERENCE_SPECS)
         self._cpus = count_cpus()
         self._db = db
+        self._records = Records(db)
+        self.aliases = AliasKeeper(db, table, metrics, self._spawn)
+        self._launch_specs = InstanceSpecs(db, blobs, self._specs, logs_dir, secret_box, self._cpus)
         self._backend = backend
         self._blobs = blobs
         self._table = table
@@ -159,7 +155,7 @@ class Supervisor:
     async def start(self) -> None:
         """Load the routing table from the store and start reconciling in the background."""
         self._loop = asyncio.get_running_loop()
-        previous = await asyncio.to_thread(self._mark_restarting)
+        previous = await asyncio.to_thread(self._records.mark_restarting)
         await self._remove_leftover_containers()
         await self.reconcile()
         self._task = asyncio.create_task(self._run(), name="cellnode-supervisor")
@@ -172,7 +168,7 @@ class Supervisor:
     def view(self) -> tuple[dict[str, dict[str, int]], dict[str, tuple[int, int, int]]]:
         """Instances per node and status, and each node's wanted count and range (for `/metrics`)."""
         statuses: dict[str, dict[str, int]] = {}
-        for node_id, status in self._statuses.copy().values():
+        for node_id, status in self._records.statuses.copy().values():
             per_node = statuses.setdefault(node_id, {})
             per_node[status] = per_node.get(status, 0) + 1
         return statuses, {node_id: state.bounds for node_id, state in self._nodes.copy().items()}
@@ -201,7 +197,7 @@ class Supervisor:
 
     async def _remove_leftover_containers(self) -> None:
         """A previous run that died left its containers running (they hold ports, and may answer): remove them."""
-        uses_containers = await asyncio.to_thread(self._has_docker_nodes)
+        uses_containers = await asyncio.to_thread(self._records.has_docker_nodes)
         if self._containers is None or not uses_containers:
             return
         try:
@@ -243,7 +239,9 @@ class Supervisor:
                         running.handle.instance_id,
                         self._liveness_timeout,
                     )
-                    await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "UNHEALTHY")
+                    await asyncio.to_thread(
+                        self._records.write_instance_status, running.handle.instance_id, "UNHEALTHY"
+                    )
                     running.handle.kill()
 
     async def _watch_resources(self) -> None:
@@ -266,7 +264,7 @@ class Supervisor:
     async def _prune_logs(self) -> None:
         """Now and every few minutes: remove the log files of ended instances past the retention or the size cap."""
         while True:
-            live = set(self._statuses.copy())
+            live = set(self._records.statuses.copy())
             for state in self._nodes.copy().values():
                 live.update(s.running.handle.instance_id for s in state.slots.values() if s.running is not None)
             directories = await asyncio.to_thread(
@@ -311,14 +309,14 @@ class Supervisor:
         logger.info("Node %s: autoscaling %s from %d to %d instances.", node_id, direction, count, wanted)
         if self._metrics is not None:
             self._metrics.scaling.labels(node_id, direction).inc()
-        if await asyncio.to_thread(self._write_count, node_id, wanted):
+        if await asyncio.to_thread(self._records.write_count, node_id, wanted):
             state.bounds = (wanted, low, high)
             self.notify()
 
     async def reconcile(self) -> None:
         """One pass: bring routes and instances in line with the store."""
-        nodes = await asyncio.to_thread(self._load_nodes)
-        await asyncio.to_thread(self._touch_usage)
+        nodes = await asyncio.to_thread(self._records.load_nodes)
+        await asyncio.to_thread(self._records.touch_usage)
         wanted = {node.id for node in nodes if node.status != "DELETING"}
         for node in nodes:
             if node.status == "DELETING":
@@ -358,92 +356,7 @@ class Supervisor:
         for node_id in [route.node_id for route in self._table.routes() if route.node_id not in wanted]:
             await self._stop_node(node_id)
             self._table.remove(node_id)
-        await self._sync_aliases()
-
-    async def _sync_aliases(self) -> None:
-        changes = self._table.alias_changes
-        routes = await asyncio.to_thread(load_alias_routes, self._db)
-        for name in self._table.sync_aliases(routes, changes):
-            if self._metrics is not None:
-                self._metrics.forget_alias(name)
-
-    def roll_back(self, alias: AliasRoute, node_id: str, error_rate: float) -> None:
-        """Take `node_id` out of the alias at once, for an error rate past the alias's limit, and write it to the
-        store in the background. Its share goes to nodes that serve now, are not mirrors, and are within the limit
-        themselves; with none, the shares stay and the server logs why. Called on the event loop."""
-        policy, stats = alias.rollback, alias.stats
-        assert policy is not None, "only an alias with a rollback policy counts errors"
-        now = time.monotonic()
-        window = stats.windows.get(node_id)
-        requests = window.requests if window is not None else 0
-        mirrors = {share.node_id for share in alias.mirrors}
-
-        def eligible(other: str) -> bool:
-            return other not in mirrors and self._table.serving(other) and stats.may_take_over(policy, other, now)
-
-        moved = shift_away(alias.shares, node_id, eligible)
-        if moved is None:
-            logger.warning(
-                "Alias %s: node %s has an error rate of %.1f%% over %g s, but no other node can take its share (none "
-                "serves that is not a mirror, within the limit, and not rolled back itself); the shares stay.",
-                alias.name,
-                node_id,
-                error_rate * 100,
-                policy.window,
-            )
-            stats.forget(node_id)  # a fresh window: warned again only after as many requests
-            return
-        stats.rolled_back_at[node_id] = now
-        # In force now, marked so that a reload of the same version cannot undo it before the store has it.
-        self._table.put_alias(dataclasses.replace(alias, shares=tuple(moved), pending_rollback=True))
-        self._spawn(self._write_rollback(alias, node_id, moved, error_rate, requests), f"rollback-{alias.alias_id}")
-
-    async def _write_rollback(
-        self, alias: AliasRoute, node_id: str, moved: list[Share], error_rate: float, requests: int
-    ) -> None:
-        policy = alias.rollback
-        window = policy.window if policy is not None else 0
-        try:
-            route = await asyncio.to_thread(
-                write_rollback,
-                self._db,
-                alias.alias_id,
-                alias.version,
-                before=list(alias.shares),
-                after=moved,
-                node_id=node_id,
-                error_rate=error_rate,
-                requests=requests,
-            )
-        except Exception:
-            logger.exception(
-                "Alias %s: writing the rollback of node %s failed; it holds on this server only.", alias.name, node_id
-            )
-            return
-        finally:
-            alias.stats.forget(node_id)
-        if route is None:
-            logger.warning(
-                "Alias %s: node %s was not rolled back in the store: the alias changed meanwhile, and that change "
-                "stands.",
-                alias.name,
-                node_id,
-            )
-            return
-        self._table.put_alias(route)
-        if self._metrics is not None:
-            self._metrics.rollbacks.labels(alias.name, node_id).inc()
-        shares = ", ".join(f"{share.node_id}={share.percent}" for share in route.shares)
-        logger.warning(
-            "Alias %s: rolled back node %s, whose error rate was %.1f%% over the last %g s (%d requests); "
-            "the alias now sends %s.",
-            alias.name,
-            node_id,
-            error_rate * 100,
-            window,
-            requests,
-            shares,
-        )
+        await self.aliases.sync()
 
     def _roll(self, node: Node, state: _NodeState) -> None:
         """Replace instances of an older generation, at most `maintenance_limit` at once, each beside its old one."""
@@ -464,18 +377,18 @@ class Supervisor:
             state.failed_generation = node.generation
             slot.last_error = f"Update to generation {node.generation} failed: {exc}"
             logger.error("Node %s: %s The previous version keeps serving.", node.id, slot.last_error)
-            await asyncio.to_thread(self._write_rollout_error, node.id, slot.last_error)
+            await asyncio.to_thread(self._records.write_rollout_error, node.id, slot.last_error)
             await self._set_status(node.id, "UNHEALTHY", slot.last_error + " The previous version keeps serving.")
             return
         if self._closing or state.slots.get(slot.index) is not slot:
             new.instance.close()
             await new.handle.stop()
-            await asyncio.to_thread(self._drop_instance, new.handle.instance_id)
+            await asyncio.to_thread(self._records.drop_instance, new.handle.instance_id)
             return
         old, slot.running, slot.generation, slot.replacing = slot.running, new, node.generation, False
         new.watcher = self._spawn(self._watch(node.id, slot, new), f"watch-{new.handle.instance_id}")
         self._publish(node.id)
-        await asyncio.to_thread(self._write_instance_status, new.handle.instance_id, "HEALTHY", new.handle.pid)
+        await asyncio.to_thread(self._records.write_instance_status, new.handle.instance_id, "HEALTHY", new.handle.pid)
         if old is not None:
             await self._drain(node.id, old, node.timeout)
         logger.info("Node %s: slot %d now runs generation %d.", node.id, slot.index, node.generation)
@@ -483,7 +396,7 @@ class Supervisor:
 
     async def _drain(self, node_id: str, old: _Running, timeout: float) -> None:
         """Out of the route already: wait for its requests to finish (within the node's timeout), then stop it."""
-        await asyncio.to_thread(self._write_instance_status, old.handle.instance_id, "DELETING")
+        await asyncio.to_thread(self._records.write_instance_status, old.handle.instance_id, "DELETING")
         deadline = time.monotonic() + timeout + 5
         while old.instance.outstanding and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -491,7 +404,7 @@ class Supervisor:
             old.watcher.cancel()
         old.instance.close()
         await old.handle.stop()
-        await asyncio.to_thread(self._drop_instance, old.handle.instance_id)
+        await asyncio.to_thread(self._records.drop_instance, old.handle.instance_id)
 
     async def _retire(self, node_id: str, slot: _Slot, timeout: float) -> None:
         """A slot past the count: out of the route at once, then its instance finishes what it holds and stops."""
@@ -513,146 +426,15 @@ class Supervisor:
         state.failed, state.crashes = False, []
         await self._set_status(node_id, "SUSPENDED", "Suspended: no instances run. 'cellnode node resume' starts it.")
 
-    # -- store access (in worker threads)
-
-    def _mark_restarting(self) -> list[tuple[str, int | None, str]]:
-        """Statuses left by a previous server say nothing of instances that no longer exist: its instances turn
-        UNDEFINED until they are confirmed gone. Returns them as (instance ID, pid, host)."""
-        with self._db.session() as session:
-            previous = [(row.id, row.pid, row.host) for row in session.scalars(select(InstanceRow))]
-            session.execute(
-                update(InstanceRow).values(
-                    status="UNDEFINED",
-                    status_since=utcnow(),
-                    last_error="Left by a previous run of the server; waiting for its process to end.",
-                )
-            )
-            # Its instances' uptime ended, at the latest, when that server was last seen alive.
-            session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(ended_at=Usage.last_seen_at))
-            session.execute(
-                update(Node)
-                .where(Node.status.in_(("HEALTHY", "UNHEALTHY")))
-                .values(status="UNHEALTHY", status_message="The server started again; starting instances.")
-            )
-        return previous
-
     async def _forget_previous(self, previous: list[tuple[str, int | None, str]]) -> None:
         """Drop a previous run's instance rows once their processes are gone (they exit when their server dies)."""
         deadline = time.monotonic() + PREVIOUS_RUN_GRACE
         for instance_id, pid, host in previous:
-            while host == HOST and pid is not None and _exists(pid) and time.monotonic() < deadline:
+            while host == HOST and pid is not None and exists(pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            if host == HOST and pid is not None and _exists(pid):
+            if host == HOST and pid is not None and exists(pid):
                 logger.warning("Instance %s of a previous run (pid %d) did not exit; forgetting it.", instance_id, pid)
-            await asyncio.to_thread(self._drop_instance, instance_id)
-
-    def _has_docker_nodes(self) -> bool:
-        with self._db.session() as session:
-            return session.scalar(select(Node.id).where(Node.container.is_not(None)).limit(1)) is not None
-
-    def _load_nodes(self) -> list[Node]:
-        with self._db.session() as session:
-            return list(session.scalars(select(Node)))
-
-    def _touch_usage(self) -> None:
-        with self._db.session() as session:
-            session.execute(update(Usage).where(Usage.ended_at.is_(None)).values(last_seen_at=utcnow()))
-
-    def _create_instance(self, node: Node, instance_id: str, slot: _Slot, zone: str) -> None:
-        """In one transaction: the new instance's row (CREATED; the slot's FAILED row of a last attempt goes), and
-        the start of its uptime. Nothing if the node was deleted meanwhile."""
-        spec = self._specs[node.spec]
-        with self._db.session() as session:
-            if session.get(Node, node.id) is None:
-                return
-            session.execute(
-                delete(InstanceRow).where(
-                    InstanceRow.node_id == node.id, InstanceRow.slot == slot.index, InstanceRow.status == "FAILED"
-                )
-            )
-            session.add(
-                InstanceRow(
-                    id=instance_id,
-                    node_id=node.id,
-                    slot=slot.index,
-                    host=HOST,
-                    zone=zone,
-                    status="CREATED",
-                    status_since=utcnow(),
-                    restarts=slot.restarts,
-                    last_error=slot.last_error,
-                    generation=node.generation,
-                )
-            )
-            session.add(
-                Usage(
-                    instance_id=instance_id,
-                    node_id=node.id,
-                    folder_id=node.folder_id,
-                    spec=spec.name,
-                    units_per_second=spec.units_per_second,
-                )
-            )
-        self._statuses[instance_id] = (node.id, "CREATED")
-
-    def _write_failed(self, instance_id: str, reason: str) -> None:
-        """The instance could not start: keep its row, FAILED with the reason, and end its uptime."""
-        with self._db.session() as session:
-            session.execute(
-                update(InstanceRow)
-                .where(InstanceRow.id == instance_id)
-                .values(status="FAILED", status_since=utcnow(), last_error=reason, pid=None)
-            )
-            session.execute(
-                update(Usage)
-                .where(Usage.instance_id == instance_id, Usage.ended_at.is_(None))
-                .values(ended_at=utcnow())
-            )
-        self._statuses.pop(instance_id, None)
-
-    def _write_count(self, node_id: str, count: int) -> bool:
-        """The autoscaler's count, unless the node's range changed meanwhile so that it no longer fits."""
-        with self._db.session() as session:
-            result = session.execute(
-                update(Node)
-                .where(
-                    Node.id == node_id,
-                    Node.min_instances <= count,
-                    Node.max_instances >= count,
-                    Node.suspended.is_(False),
-                )
-                .values(instance_count=count)
-            )
-            return bool(getattr(result, "rowcount", 0))
-
-    def _write_rollout_error(self, node_id: str, error: str) -> None:
-        with self._db.session() as session:
-            session.execute(update(Node).where(Node.id == node_id).values(rollout_error=error))
-
-    def _write_instance_status(
-        self, instance_id: str, status: str, pid: int | None = None, error: str | None = None
-    ) -> None:
-        values: dict[str, Any] = {"status": status, "status_since": utcnow()}
-        if pid is not None:
-            values["pid"] = pid
-        if error is not None:
-            values["last_error"] = error
-        with self._db.session() as session:
-            session.execute(update(InstanceRow).where(InstanceRow.id == instance_id).values(**values))
-        known = self._statuses.get(instance_id)
-        if known is not None:
-            self._statuses[instance_id] = (known[0], status)
-
-    def _drop_instance(self, instance_id: str) -> None:
-        """The instance is gone: forget its row and end its uptime."""
-        self._statuses.pop(instance_id, None)
-        with self._db.session() as session:
-            session.execute(delete(InstanceRow).where(InstanceRow.id == instance_id))
-            session.execute(
-                update(Usage)
-                .where(Usage.instance_id == instance_id, Usage.ended_at.is_(None))
-                .values(ended_at=utcnow())
-            )
+            await asyncio.to_thread(self._records.drop_instance, instance_id)
 
     # -- routes and statuses
 
@@ -706,16 +488,7 @@ class Supervisor:
                 return
             route.status, route.status_message = status, message
 
-        def write() -> None:
-            # One conditional UPDATE: a delete that lands meanwhile is never overwritten.
-            with self._db.session() as session:
-                session.execute(
-                    update(Node)
-                    .where(Node.id == node_id, Node.status != "DELETING")
-                    .values(status=status, status_message=message, updated_at=utcnow())
-                )
-
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(self._records.write_node_status, node_id, status, message)
 
     # -- instances
 
@@ -725,15 +498,24 @@ class Supervisor:
         instance_id = new_id()
         zone = node.zones[slot.index % len(node.zones)] if node.zones else {"zone": "local", "subnet": ""}
         try:
-            spec = await asyncio.to_thread(self._instance_spec, node, instance_id, zone)
-            await asyncio.to_thread(self._create_instance, node, instance_id, slot, zone["zone"])
+            spec = await asyncio.to_thread(self._launch_specs.build, node, instance_id, zone)
+            await asyncio.to_thread(
+                self._records.create_instance,
+                node,
+                instance_id,
+                self._specs[node.spec],
+                slot=slot.index,
+                zone=zone["zone"],
+                restarts=slot.restarts,
+                last_error=slot.last_error,
+            )
             began = time.monotonic()
             handle = await self._backend_of(node).start(spec)
-            await asyncio.to_thread(self._write_instance_status, instance_id, "STARTED")
+            await asyncio.to_thread(self._records.write_instance_status, instance_id, "STARTED")
             instance: Routable | None = None
             try:
                 await handle.wait_started(self._start_timeout)
-                await asyncio.to_thread(self._write_instance_status, instance_id, "PREPARING", handle.pid)
+                await asyncio.to_thread(self._records.write_instance_status, instance_id, "PREPARING", handle.pid)
                 await handle.wait_ready(max(0.0, self._start_timeout - (time.monotonic() - began)))
                 if node.type == "docker":
                     instance = proxy_instance(node, instance_id, handle.address, handle.pid)
@@ -746,13 +528,15 @@ class Supervisor:
                 await handle.stop()
                 raise
         except (InstanceFailed, Unavailable) as exc:
-            await asyncio.to_thread(self._write_failed, instance_id, str(exc))
+            await asyncio.to_thread(self._records.write_failed, instance_id, str(exc))
             code = handle.returncode if handle is not None else None
             permanent = code in PERMANENT_EXIT_CODES or getattr(exc, "permanent", False)
             raise LaunchFailed(str(exc), permanent=permanent) from exc
         except Exception as exc:
             logger.exception("Node %s: the instance could not be started.", node.id)
-            await asyncio.to_thread(self._write_failed, instance_id, f"The instance could not be started: {exc}")
+            await asyncio.to_thread(
+                self._records.write_failed, instance_id, f"The instance could not be started: {exc}"
+            )
             raise LaunchFailed(f"The instance could not be started: {exc}", permanent=False) from exc
         if self._metrics is not None:
             self._metrics.instance_starts.labels(node.id).observe(time.monotonic() - began)
@@ -773,12 +557,14 @@ class Supervisor:
         if self._closing or state is None or state.slots.get(slot.index) is not slot:
             running.instance.close()
             await running.handle.stop()
-            await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
+            await asyncio.to_thread(self._records.drop_instance, running.handle.instance_id)
             return
         running.watcher = self._spawn(self._watch(node.id, slot, running), f"watch-{running.handle.instance_id}")
         slot.running, slot.generation = running, node.generation
         self._publish(node.id)
-        await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "HEALTHY", running.handle.pid)
+        await asyncio.to_thread(
+            self._records.write_instance_status, running.handle.instance_id, "HEALTHY", running.handle.pid
+        )
         await self._update_node_status(node.id)
 
     def _backend_of(self, node: Node) -> Backend:
@@ -796,72 +582,6 @@ class Supervisor:
                 f"Node {node.id!r} is a docker node, and this server runs no container backend.", permanent=True
             )
         return self._containers
-
-    def _instance_spec(self, node: Node, instance_id: str, zone: dict[str, str]) -> InstanceSpec:
-        spec = self._specs.get(node.spec)
-        if spec is None:
-            raise InstanceFailed(
-                f"Spec {node.spec!r} of the node is not in this server's spec table; add it back to the table, "
-                "or update the node to another spec."
-            )
-        if node.type == "docker":
-            with self._db.session() as session:
-                auth = registry_auth(session, self._secret_box, node)
-                secrets = self._secret_env(session, node)
-            return InstanceSpec(
-                node_id=node.id,
-                instance_id=instance_id,
-                launch=container_launch(node, spec, self._cpus, auth),
-                log_path=self._logs_dir / node.id,
-                env={**secrets, **spec.environment(self._cpus)},
-                zone=zone["zone"],
-                subnet=zone.get("subnet", ""),
-            )
-        with self._db.session() as session:
-            checkpoint = session.get(Checkpoint, node.checkpoint_id)
-            if checkpoint is None:
-                raise InstanceFailed(f"Checkpoint {node.checkpoint_id!r} of the node no longer exists.")
-            variables = [
-                {"name": v["name"], "path": str(self._blobs.path(v["sha256"])), "sha256": v["sha256"]}
-                for v in checkpoint.variables
-            ]
-            imports = dict(checkpoint.imports)
-            secrets = self._secret_env(session, node)
-            kernel = None
-            if node.container is not None:  # a kernel image: the instance runs in a container of it
-                kernel = kernel_launch(node, spec, self._cpus, registry_auth(session, self._secret_box, node))
-                kernel["python_version"] = checkpoint.python_version
-        launch = {
-            "node_id": node.id,
-            "instance_id": instance_id,
-            "cell": {"source": node.cell_code, "uses_ipython": node.uses_ipython},
-            "inputs": {v["name"]: v["type"] for v in node.inputs},
-            "outputs": {v["name"]: v["type"] for v in node.outputs},
-            "variables": variables,
-            "imports": imports,
-            "state": node.state,
-        }
-        if kernel is not None:
-            launch["kernel_image"] = kernel
-        return InstanceSpec(
-            node_id=node.id,
-            instance_id=instance_id,
-            launch=launch,
-            log_path=self._logs_dir / node.id,
-            env={**secrets, **spec.environment(self._cpus)},
-            zone=zone["zone"],
-            subnet=zone.get("subnet", ""),
-        )
-
-    def _secret_env(self, session: Session, node: Node) -> dict[str, str]:
-        """The node's secrets, decrypted now, so that a changed value reaches every instance started from here on."""
-        if not node.secrets:
-            return {}
-        assert self._secret_box is not None, "a server with secrets gives its supervisor a SecretBox"
-        try:
-            return self._secret_box.environment(session, node.secrets, node.id)
-        except ConfigError as exc:  # gone or undecryptable; the message names the secret, never a value
-            raise InstanceFailed(f"The node's secrets cannot be given to the instance: {exc}") from exc
 
     async def _watch(self, node_id: str, slot: _Slot, running: _Running) -> None:
         """While the instance runs: its health checks and metrics scrapes (a docker node's); then, once it has ended
@@ -894,7 +614,7 @@ class Supervisor:
         if not isinstance(running.instance, Instance):
             running.instance.close()
         self._publish(node_id)
-        await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
+        await asyncio.to_thread(self._records.drop_instance, running.handle.instance_id)
         slot.restarts += 1
         if isinstance(running.instance, Instance) and running.instance.killed_by_front:
             # A cell that ignored the interrupt after a timeout: replace the instance, but it is not a crash.
@@ -945,7 +665,7 @@ class Supervisor:
                 "Node %s: instance %s failed its health check (%s); out of rotation.", node_id, instance_id, why
             )
         status, error = ("HEALTHY", "") if healthy else ("UNHEALTHY", f"Failed its health check: {why}")
-        await asyncio.to_thread(self._write_instance_status, instance_id, status, None, error)
+        await asyncio.to_thread(self._records.write_instance_status, instance_id, status, None, error)
         await self._update_node_status(node_id)
 
     def _count_restart(self, node_id: str, reason: str) -> None:
@@ -974,12 +694,12 @@ class Supervisor:
         if running is None:
             return
         self._publish(node_id)
-        await asyncio.to_thread(self._write_instance_status, running.handle.instance_id, "DELETING")
+        await asyncio.to_thread(self._records.write_instance_status, running.handle.instance_id, "DELETING")
         if running.watcher is not None:
             running.watcher.cancel()
         running.instance.close()
         await running.handle.stop()
-        await asyncio.to_thread(self._drop_instance, running.handle.instance_id)
+        await asyncio.to_thread(self._records.drop_instance, running.handle.instance_id)
 
     async def _stop_node(self, node_id: str) -> None:
         state = self._nodes.pop(node_id, None)
@@ -993,14 +713,7 @@ class Supervisor:
         self._table.remove(node_id)
         await self._stop_node(node_id)
 
-        def drop() -> None:
-            with self._db.session() as session:
-                session.execute(delete(InstanceRow).where(InstanceRow.node_id == node_id))
-                node = session.get(Node, node_id)
-                if node is not None:
-                    session.delete(node)
-
-        await asyncio.to_thread(drop)
+        await asyncio.to_thread(self._records.drop_node, node_id)
         await asyncio.to_thread(shutil.rmtree, self._logs_dir / node_id, True)
         logger.info("Node %s deleted.", node_id)
 
@@ -1009,35 +722,3 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-def resident_bytes(pid: int | None) -> int | None:
-    """Resident memory of a process and its descendants (a `fork` state policy's request children, the processes a
-    cell started), from /proc; None once the process is gone."""
-    if pid is None:
-        return None
-    total, pending, seen = 0, [pid], set()
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_SIZE
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (OSError, ValueError, IndexError):
-            if current == pid:
-                return None
-            continue
-        pending.extend(int(child) for child in children)
-    return total
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -11,6 +11,7 @@ from cellnode.checkpoint.blobs import BlobStore
 from cellnode.router.table import RoutingTable
 from cellnode.store.db import Database
 from cellnode.store.models import Folder, Node
+from cellnode.supervisor.records import Records
 from cellnode.supervisor.supervisor import Supervisor
 
 
@@ -42,10 +43,7 @@ def test_a_restart_forgets_the_last_runs_health(tmp_path: Path) -> None:
                     status_message="old",
                 )
             )
-    supervisor = Supervisor(
-        db, LocalBackend(), BlobStore(tmp_path / "blobs"), RoutingTable(), logs_dir=tmp_path, start_timeout=1
-    )
-    supervisor._mark_restarting()
+    Records(db).mark_restarting()
     with db.session() as session:
         statuses = {node.name: (node.status, node.status_message) for node in session.scalars(select(Node))}
     restarted = ("UNHEALTHY", "The server started again; starting instances.")
@@ -64,7 +62,7 @@ def test_a_previous_runs_instances_are_undefined_until_their_processes_end(tmp_p
     import subprocess
 
     from cellnode.store.models import Instance
-    from cellnode.supervisor.supervisor import HOST
+    from cellnode.supervisor.records import HOST
 
     db = Database(f"sqlite:///{tmp_path / 'c.db'}")
     db.migrate()
@@ -83,7 +81,7 @@ def test_a_previous_runs_instances_are_undefined_until_their_processes_end(tmp_p
     supervisor = Supervisor(
         db, LocalBackend(), BlobStore(tmp_path / "blobs"), RoutingTable(), logs_dir=tmp_path, start_timeout=1
     )
-    previous = supervisor._mark_restarting()
+    previous = supervisor._records.mark_restarting()
     with db.session() as session:
         rows = {row.id: (row.status, row.last_error) for row in session.scalars(select(Instance))}
     assert {status for status, _ in rows.values()} == {"UNDEFINED"}
