@@ -67,7 +67,8 @@ import cloudpickle
 
 import cellnode
 from cellnode.backends.base import Backend, InstanceFailed, InstanceHandle, InstanceSpec
-from cellnode.backends.container import CONFIG_CHECKS, ContainerBackend, ContainerConfig, ContainerHandle, RunDir
+from cellnode.backends.container import ContainerBackend, ContainerHandle
+from cellnode.backends.container_config import CONFIG_CHECKS, ContainerConfig, RunDir
 from cellnode.backends.container_logs import ENGINE_ERRORS
 from cellnode.backends.local import ping
 from cellnode.runtime.instance import MAX_SOCKET_PATH

@@ -13,7 +13,7 @@ from cellnode.backends.container import ContainerBackend
 from cellnode.exceptions import DeadlineExceeded
 from cellnode.router.proxy import ProxyInstance
 from tests.docker_engine import Engine
-from tests.router.test_proxy import CHUNK, MB, Call
+from tests.router.proxy_helpers import CHUNK, MB, Call
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
 
