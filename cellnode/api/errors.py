@@ -26,7 +26,11 @@ _HTTP_CLASSES: dict[int, type[APIError]] = {404: NotFound, 413: PayloadTooLarge}
 
 
 def error_response(error: APIError) -> Response:
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, TooManyRequests) else None
+    """cellnode's own error: its `google.rpc.Status` body, and `x-cellnode-error: <reason>`, which tells it apart from
+    a docker node's answer passed through (the proxy drops that header from those)."""
+    headers = {"x-cellnode-error": error.reason}
+    if isinstance(error, TooManyRequests):
+        headers["Retry-After"] = str(error.retry_after)
     return Response(
         orjson.dumps(error.to_status()), status_code=error.status_code, media_type="application/json", headers=headers
     )

@@ -59,7 +59,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_DROPPED = HOP_BY_HOP | {"authorization", "x-request-id"}
-RESPONSE_DROPPED = HOP_BY_HOP | {"date", "server", "x-request-id"}
+RESPONSE_DROPPED = HOP_BY_HOP | {"date", "server", "x-request-id", "x-cellnode-error"}
 STATUS_DETAILS = "grpc-status-details-bin"  # the one reserved key the service sets, for its rich error details
 DEFAULT_IDLE_TIMEOUT = 300.0
 # A status of DEADLINE_EXCEEDED this close to the deadline is the deadline's (gRPC's timer may fire a little early).

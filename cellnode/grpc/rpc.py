@@ -51,9 +51,11 @@ def client_of(peer: str | None) -> str:
 async def abort(
     context: Any, error: APIError, request_id: str, trailer: list[tuple[str, str | bytes]] | None = None
 ) -> NoReturn:
-    """End the RPC with the error's code and message, and its `google.rpc.Status` in `grpc-status-details-bin`."""
+    """End the RPC with the error's code and message, its `google.rpc.Status` in `grpc-status-details-bin`, and
+    `x-cellnode-error: <reason>`, as a REST error has (a passed-through service's trailers never carry it)."""
     metadata = [
         ("x-request-id", request_id),
+        ("x-cellnode-error", error.reason),
         *(trailer or []),
         ("grpc-status-details-bin", status_of(error).SerializeToString()),
     ]

@@ -10,8 +10,9 @@
 - the request body as `receive` gives it: a body that came in one message (most do) goes with its length, a longer
   one is streamed as it arrives; past `max_body` (16 MB) it is refused with PayloadTooLarge, before any byte is read
   when its Content-Length says so;
-- the answer's status and headers (minus the hop-by-hop ones, and minus Date and Server, which the front's server
-  sets, as nginx does; with cellnode's `x-request-id`), then its body, chunk by chunk as the instance sends it.
+- the answer's status and headers (minus the hop-by-hop ones, Date and Server, which the front's server sets, as
+  nginx does, and `x-cellnode-error`, which only cellnode's own errors carry; with cellnode's `x-request-id`), then
+  its body, chunk by chunk as the instance sends it.
   Nothing is buffered whole; a slow client slows the reading from the instance (the front's `send` waits).
 
 Time. `deadline` (a `loop.time()` value, the node's timeout from the request's arrival) bounds everything up to the
@@ -62,7 +63,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_DROPPED = HOP_BY_HOP | {b"authorization", b"host", b"expect", b"x-request-id"}
-RESPONSE_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
+# `x-cellnode-error` marks cellnode's own errors (`cellnode.api.errors.error_response`): a service cannot claim it.
+RESPONSE_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id", b"x-cellnode-error"}
 # Per instance. The node's queue (`NodeRoute.max_queue`) bounds the requests under way; past max_connections a
 # request waits for a free connection, within its deadline. 5 s of keep-alive is httpx's default.
 DEFAULT_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0)

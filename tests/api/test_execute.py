@@ -41,6 +41,7 @@ def status(response: httpx.Response, code: int, grpc_code: int, *fragments: str)
     assert response.status_code == code, response.text
     body: dict[str, Any] = response.json()
     assert body["code"] == grpc_code
+    assert response.headers["x-cellnode-error"] == body["details"][0]["reason"], "cellnode's own error, marked"
     for fragment in fragments:
         assert fragment in body["message"], body["message"]
     return body

@@ -242,6 +242,7 @@ def test_invalid_argument_names_the_variable(setup: Setup) -> None:
     status = rich_status(no_folder.value)
     info = error_details_pb2.ErrorInfo()
     assert status.code == 3 and status.details[0].Unpack(info) and info.reason == "INVALID_ARGUMENT"
+    assert ("x-cellnode-error", "INVALID_ARGUMENT") in list(no_folder.value.trailing_metadata())
 
 
 def test_unauthenticated(setup: Setup) -> None:

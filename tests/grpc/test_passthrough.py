@@ -85,7 +85,12 @@ class Upstream:
         self._saw(context)
         await context.send_initial_metadata((("x-init", "1"), ("x-init-bin", b"\x00\x01\xff")))
         context.set_trailing_metadata(
-            (("x-trail", "2"), ("x-trail-bin", b"\xfe\x00"), ("x-request-id", "the-instance's-own"))
+            (
+                ("x-trail", "2"),
+                ("x-trail-bin", b"\xfe\x00"),
+                ("x-request-id", "the-instance's-own"),
+                ("x-cellnode-error", "NOT_FOUND"),  # only cellnode's own errors carry it
+            )
         )
         return orjson.dumps(self.metadata[-1])
 
@@ -472,6 +477,7 @@ def test_metadata_goes_both_ways_without_the_callers_credential() -> None:
             assert ("x-trail", "2") in trailing and ("x-trail-bin", b"\xfe\x00") in trailing
             assert [value for key, value in trailing if key == "x-request-id"] == [request_id]
             assert ("x-node-id", "n1") in trailing
+            assert "x-cellnode-error" not in dict(trailing)
 
     run(scenario)
 

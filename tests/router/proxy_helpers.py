@@ -69,6 +69,7 @@ async def custom_headers(request: Request) -> Response:
     response.headers.append("connection", "X-Secret-Hop")
     response.headers.append("x-secret-hop", "1")
     response.headers.append("x-request-id", "the-instance's-own")
+    response.headers.append("x-cellnode-error", "NOT_FOUND")  # only cellnode's own errors carry it
     return response
 
 

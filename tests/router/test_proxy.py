@@ -128,7 +128,7 @@ def test_response_status_and_headers_come_back(upstream: str) -> None:
         (b"set-cookie", b"b=2"),
         (b"x-request-id", b"r1"),
         (b"x-node-id", b"n1"),
-    ], "no hop-by-hop header, no Date or Server (the front's server sets them), cellnode's request ID"
+    ], "no hop-by-hop header, no Date or Server (the front's server sets them), no x-cellnode-error, cellnode's ID"
     assert bytes(call.body) == b"created" and call.body_messages == 1, "a body complete by its length: one message"
 
 
