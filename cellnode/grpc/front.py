@@ -60,6 +60,7 @@ class GrpcFront:
         self.svc = svc
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self._stopping: asyncio.Future[None] | None = None
         self._typed: dict[str, tuple[Any, TypedNode]] = {}
         self._methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             protos.EXECUTE: self._unary(self._execute, protos.EXECUTE),
@@ -87,10 +88,14 @@ class GrpcFront:
         return self.port
 
     async def stop(self, grace: float) -> None:
-        """Refuse new RPCs, give those under way `grace` seconds, then cancel them."""
-        self.discovery.close()
-        if self.server is not None:
-            await self.server.stop(grace)
+        """Refuse new RPCs, give those under way `grace` seconds, then cancel them. A second call waits for the
+        first's stop (the HTTP server's shutdown starts it, the lifespan's end waits for it)."""
+        if self.server is None:
+            return
+        if self._stopping is None:
+            self.discovery.close()
+            self._stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.shield(self._stopping)
 
     def find(
         self, method: str, metadata: tuple[tuple[str, str | bytes], ...] | None = None

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cellnode.server")
 # Seconds the RPCs under way get to finish when the server stops.
-GRPC_GRACE = 10.0  # as uvicorn's timeout_graceful_shutdown for HTTP
+SHUTDOWN_GRACE = 10  # seconds the calls under way at shutdown may take, on either front
 
 
 def build_app(settings: Settings, *, announce: Callable[[str], None] | None = None) -> execute.ExecuteFront:
@@ -124,14 +124,14 @@ def build_app(settings: Settings, *, announce: Callable[[str], None] | None = No
         grpc_front = None
         try:
             if settings.grpc_port is not None:
-                grpc_front = await start_grpc(app.state.services)
+                grpc_front = app.state.grpc_front = await start_grpc(app.state.services)
                 if announce is not None:
                     host = f"[{settings.host}]" if ":" in settings.host else settings.host
                     announce(f"gRPC on {host}:{grpc_front.port}")
             yield
         finally:
             if grpc_front is not None:
-                await grpc_front.stop(GRPC_GRACE)
+                await grpc_front.stop(SHUTDOWN_GRACE)
             logger.info("Stopping all instances.")
             # After the last request, and first: the audit rows still queued are written whatever fails next.
             await asyncio.to_thread(app.state.services.audit.close)

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from cellnode._version import __version__
 from cellnode.config import Settings
 from cellnode.exceptions import ConfigError
-from cellnode.server.app import build_app, write_profile
+from cellnode.server.app import SHUTDOWN_GRACE, build_app, write_profile
 
 
 def _announce(message: str) -> None:
     print(message, flush=True)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+        self.grpc_stop: asyncio.Future[None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """One drain for both fronts: the gRPC port refuses new calls from the moment HTTP's listener closes, and
+        the calls under way on either have the same grace."""
+        front = getattr(self.app.state, "grpc_front", None)
+        if front is not None:
+            self.grpc_stop = asyncio.ensure_future(front.stop(SHUTDOWN_GRACE))  # the lifespan's end waits for it
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
@@ -33,7 +50,6 @@ def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
             f"Cannot listen on {host}:{port} ({flag}): {exc.strerror}. Another process may hold the port; give "
             f"another with {flag}, or 0 to pick a free one."
         ) from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -58,13 +74,13 @@ def serve(settings: Settings) -> None:
         app,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
         timeout_keep_alive=settings.idle_timeout,
         h11_max_incomplete_event_size=None,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.app)
     try:
         # After a clean shutdown uvicorn raises the signal it caught again, so that the exit status tells it.
         server.run(sockets=[sock])
