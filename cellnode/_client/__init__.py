@@ -1,0 +1,1 @@
+"""The parts of `cellnode.client`: `BaseClient`, and one group of `Client` methods per module."""
