@@ -23,7 +23,7 @@ from cellnode._client.iam import IAMMethods
 from cellnode._client.node import SIZE_FIELDS, NodeMethods, Variables
 from cellnode._client.secret import SecretMethods
 from cellnode.config import DEFAULT_PORT, default_profile_path
-from cellnode.exceptions import ERROR_DOMAIN, ERROR_INFO_TYPE, APIError, ConfigError, InvalidArgument, NotFound
+from cellnode.exceptions import APIError, ConfigError, InvalidArgument, NotFound
 from cellnode.iam.formats import authorization
 
 __all__ = [
@@ -110,9 +110,9 @@ class Client(IAMMethods, SecretMethods, CheckpointMethods, NodeMethods, AliasMet
 
         Raises the matching APIError only when cellnode itself answered with its own error (no instance took the
         request: NotFound, PermissionDenied, Unavailable while the node starts, DeadlineExceeded past the node's
-        timeout, ...), which it recognizes by the `google.rpc.Status` body of domain `cellnode`. A service that
-        answers that very shape would be read the same way. TransportError if the server cannot be reached, or
-        drops the connection once the service's answer has started.
+        timeout, ...), which it recognizes by the `x-cellnode-error` header that only cellnode's own errors carry.
+        TransportError if the server cannot be reached, or drops the connection once the service's answer has
+        started.
 
         Example:
             >>> client.request("model", "POST", "/predict", json={"x": 1}).json()
@@ -158,19 +158,12 @@ class Client(IAMMethods, SecretMethods, CheckpointMethods, NodeMethods, AliasMet
 
 
 def _cellnode_error(response: httpx.Response) -> APIError | None:
-    """The error in a pass-through answer, if cellnode gave it rather than the service: a `google.rpc.Status`
-    body whose ErrorInfo names our domain."""
-    if response.status_code < 400 or "json" not in response.headers.get("content-type", ""):
+    """The error in a pass-through answer, if cellnode gave it rather than the service: only cellnode's own errors
+    carry `x-cellnode-error` (the pass-through drops it from services' answers)."""
+    if "x-cellnode-error" not in response.headers:
         return None
     try:
         body = response.json()
     except ValueError:
-        return None
-    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
-        return None
-    details = body.get("details")
-    if not isinstance(details, list) or not any(
-        isinstance(d, dict) and d.get("@type") == ERROR_INFO_TYPE and d.get("domain") == ERROR_DOMAIN for d in details
-    ):
-        return None
+        body = response.text
     return APIError.from_status(response.status_code, body)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from cellnode.client import _cellnode_error, resolve_connection
-from cellnode.exceptions import ERROR_INFO_TYPE, NotFound
+from cellnode.exceptions import NotFound
 
 
 @pytest.fixture
@@ -39,11 +39,12 @@ def test_arguments_and_environment_win(profile: Path, monkeypatch: pytest.Monkey
 
 
 def test_a_pass_through_answer_is_an_error_only_when_cellnode_gave_it() -> None:
-    ours = httpx.Response(404, json=NotFound("Node 'x' not found.").to_status())
+    error = NotFound("Node 'x' not found.")
+    ours = httpx.Response(404, json=error.to_status(), headers={"x-cellnode-error": error.reason})
     assert isinstance(_cellnode_error(ours), NotFound)
     theirs = [
         httpx.Response(404, json={"code": 5, "message": "no such user", "details": []}),  # the service's own
-        httpx.Response(404, json={"code": 5, "message": "x", "details": [{"@type": ERROR_INFO_TYPE, "domain": "x"}]}),
+        httpx.Response(404, json=error.to_status()),  # cellnode's very shape, from a service: no header
         httpx.Response(500, text="boom"),
         httpx.Response(200, json=NotFound("not an error: a 200").to_status()),
     ]
