@@ -27,12 +27,15 @@ its whole body). Once `http.response.start` has been sent no error answer can fo
 the only way left to tell the client that the body is incomplete. A client that disconnects while the body streams
 ends the forward quietly, and the instance's connection is closed.
 
-Only "http" and "http2" endpoints come through here; "http2" speaks h2c with prior knowledge (the `h2` package).
+Only "http" and "http2" endpoints come through here. "http" goes through `cellnode.router.http1`'s pool (written
+for this hot path: httpx's took most of the front's CPU, see bench/README.md); "http2" speaks h2c with prior
+knowledge through httpx's transport (the `h2` package).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from urllib.parse import quote
 
@@ -47,6 +50,7 @@ from cellnode.exceptions import (
     ResponseAborted,
     Unavailable,
 )
+from cellnode.router.http1 import Answer, Broken, ConnectFailed, Pool
 from cellnode.router.instance import TIMED_OUT, NotStarted
 from cellnode.router.proxied import ProxiedInstance
 
@@ -66,9 +70,11 @@ REQUEST_DROPPED = HOP_BY_HOP | {b"authorization", b"host", b"expect", b"x-reques
 # `x-cellnode-error` marks cellnode's own errors (`cellnode.api.errors.error_response`): a service cannot claim it.
 RESPONSE_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id", b"x-cellnode-error"}
 # Per instance. The node's queue (`NodeRoute.max_queue`) bounds the requests under way; past max_connections a
-# request waits for a free connection, within its deadline. 5 s of keep-alive is httpx's default.
-DEFAULT_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0)
+# request waits for a free connection, within its deadline. An idle connection is kept 4 s: less than the 5 s after
+# which uvicorn (and many servers) close it, so that a request rarely meets one the instance is closing.
+DEFAULT_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
 URL_CACHE_SIZE = 256
+UNSAFE = re.compile(rb"[^\x21-\x7e]")  # a request target is visible ASCII
 
 TOO_LARGE = "The request body is {size} bytes, over the {mb:g} MB limit ({limit} bytes); send less data."
 CLIENT_LEFT = "The client closed the connection before it sent the whole request body."
@@ -113,14 +119,29 @@ class ProxyInstance(ProxiedInstance):
         self._base = httpx.URL(f"http://{address}/")
         self._host = address.encode()
         self._urls: dict[bytes, httpx.URL] = {}
-        # Not an httpx.AsyncClient: its `send` logs every request at INFO and keeps the instance's cookies in a jar.
-        # Its transport is the same connection pool without either. Plain HTTP to loopback: no TLS context to load.
-        self._transport = httpx.AsyncHTTPTransport(
-            verify=False, trust_env=False, http1=endpoint == "http", http2=endpoint == "http2", limits=limits
-        )
+        self._pool: Pool | None = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
+        if endpoint == "http":
+            host, _, port = address.rpartition(":")
+            self._pool = Pool(
+                host.strip("[]"),
+                int(port),
+                max_connections=limits.max_connections or 256,
+                max_idle=limits.max_keepalive_connections or 0,
+                keepalive_expiry=limits.keepalive_expiry or 0.0,
+            )
+        else:
+            # Not an httpx.AsyncClient: its `send` logs every request at INFO and keeps the instance's cookies in a
+            # jar. Its transport is the same connection pool without either. Plain HTTP to loopback: no TLS context.
+            self._transport = httpx.AsyncHTTPTransport(
+                verify=False, trust_env=False, http1=False, http2=True, limits=limits
+            )
 
     async def _shut(self) -> None:
-        await self._transport.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     async def forward(
         self,
@@ -158,23 +179,35 @@ class ProxyInstance(ProxiedInstance):
     ) -> int:
         loop = asyncio.get_running_loop()
         rid = request_id.encode()
-        url = self._url(scope)
+        target = self._target(scope)
         headers, declared = self._request_headers(scope["headers"], rid)
+        answer: Answer | None = None
         response: httpx.Response | None = None
         status = 0  # the status sent to the client, once the response has started
         exchange = _Exchange()
         try:
             async with asyncio.timeout_at(deadline) as timer:
-                stream = await self._request_body(receive, headers, declared)
-                request = httpx.Request(scope["method"], url, headers=headers, stream=stream)
-                response = await self._transport.handle_async_request(request)
-                headers = _response_headers(response.headers.raw)
+                body, chunked = await self._request_body(receive, headers, declared)
+                if self._pool is not None:
+                    head = b"%s %s HTTP/1.1\r\n%s\r\n" % (
+                        scope["method"].encode(),
+                        target,
+                        b"".join(b"%s: %s\r\n" % header for header in headers),
+                    )
+                    answer = await self._pool.request(head, body, chunked=chunked, head_only=scope["method"] == "HEAD")
+                    status, raw, chunks = answer.status, answer.headers, answer.chunks()
+                else:
+                    assert self._transport is not None
+                    stream = httpx.ByteStream(body) if isinstance(body, bytes) else body
+                    request = httpx.Request(scope["method"], self._url(target), headers=headers, stream=stream)
+                    response = await self._transport.handle_async_request(request)
+                    status, raw, chunks = response.status_code, response.headers.raw, response.aiter_raw()
+                headers, remaining = _response_headers(raw)
                 headers += ((b"x-request-id", rid), *extra)
-                status = response.status_code  # from here on, the client may have the head
+                # From here on, the client may have the head.
                 await send({"type": "http.response.start", "status": status, "headers": headers})
-                remaining = _content_length(response)
                 timer.reschedule(loop.time() + self.timeout)
-                async for chunk in response.aiter_raw():
+                async for chunk in chunks:
                     timer.reschedule(None)  # a slow client is not the instance's pause
                     remaining -= len(chunk)
                     if remaining == 0:  # complete by its Content-Length: the client need not wait for more
@@ -197,12 +230,12 @@ class ProxyInstance(ProxiedInstance):
                 raise self._aborted(status, f"it sent nothing for {self.timeout:g} s") from None
             what = f"the request to instance {self.instance_id!r} was cancelled"
             raise DeadlineExceeded(TIMED_OUT.format(node=self.node_id, timeout=self.timeout, what=what)) from None
-        except httpx.ConnectError as exc:
+        except (ConnectFailed, httpx.ConnectError) as exc:
             raise NotStarted(
                 f"Instance {self.instance_id!r} of node {self.node_id!r} refused the connection ({_reason(exc)}); "
                 "nothing ran, so another instance may take the request."
             ) from exc
-        except httpx.TransportError as exc:
+        except (Broken, httpx.TransportError) as exc:
             if status:
                 raise self._aborted(status, f"its connection broke ({_reason(exc)})") from exc
             raise Unavailable(
@@ -216,20 +249,31 @@ class ProxyInstance(ProxiedInstance):
         finally:
             if exchange.watcher is not None:
                 exchange.watcher.cancel()
+            if answer is not None:
+                answer.release()
             if response is not None:
                 await response.aclose()
         return status
 
-    def _url(self, scope: Scope) -> httpx.URL:
+    def _target(self, scope: Scope) -> bytes:
+        """The request target as the client sent it (uvicorn's parser has checked it)."""
         path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         query: bytes = scope.get("query_string", b"")
         target = path + b"?" + query if query else path
+        if UNSAFE.search(target) is not None:
+            raise InvalidArgument(
+                f"The request's path {target!r} is not a valid URL path: it holds a space, a control character or a "
+                "byte past ASCII; percent-encode them."
+            )
+        return target
+
+    def _url(self, target: bytes) -> httpx.URL:
         url = self._urls.get(target)
         if url is None:
             try:
                 url = self._base.copy_with(raw_path=target)
             except (UnicodeDecodeError, httpx.InvalidURL) as exc:
-                raise InvalidArgument(f"The request's path {path!r} is not a valid URL path: {exc}.") from None
+                raise InvalidArgument(f"The request's path {target!r} is not a valid URL path: {exc}.") from None
             # Parsing costs about 15 us; most nodes are called on a few paths (the header form's "/").
             if len(self._urls) >= URL_CACHE_SIZE:
                 self._urls.clear()
@@ -260,8 +304,8 @@ class ProxyInstance(ProxiedInstance):
 
     async def _request_body(
         self, receive: Receive, headers: list[tuple[bytes, bytes]], declared: bytes | None
-    ) -> httpx.AsyncByteStream:
-        """The body to send, from its first message; adds its framing to `headers`."""
+    ) -> tuple[bytes | _RequestBody, bool]:
+        """The body to send, from its first message, and whether it goes chunked; adds its framing to `headers`."""
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidArgument(CLIENT_LEFT)
@@ -271,10 +315,13 @@ class ProxyInstance(ProxiedInstance):
         if not message.get("more_body", False):
             if body or declared is not None:
                 headers.append((b"content-length", str(len(body)).encode()))
-            return httpx.ByteStream(body)
+            return body, False
         # The instance's HTTP/2 connection drops Transfer-Encoding; HTTP/1.1 needs it without a length.
-        headers.append((b"content-length", declared) if declared is not None else (b"transfer-encoding", b"chunked"))
-        return _RequestBody(receive, body, self.max_body)
+        if declared is not None:
+            headers.append((b"content-length", declared))
+        else:
+            headers.append((b"transfer-encoding", b"chunked"))
+        return _RequestBody(receive, body, self.max_body), declared is None
 
     def _aborted(self, status: int, reason: str) -> ResponseAborted:
         return ResponseAborted(
@@ -341,24 +388,23 @@ class _RequestBody(httpx.AsyncByteStream):
                 yield chunk
 
 
-def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The answer's headers to pass on; and its body's declared length, or -1 (which no count of received bytes
+    reaches) without one."""
     headers = []
     named: list[bytes] = []
+    length = -1
     for name, value in raw:
         name = name.lower()  # HTTP/1.1 keeps the instance's case; ASGI wants lower case
         if name not in RESPONSE_DROPPED:
             headers.append((name, value))
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
         elif name == b"connection":
             named += (token.strip().lower() for token in value.split(b","))
     if named:
         headers = [(name, value) for name, value in headers if name not in named]
-    return headers
-
-
-def _content_length(response: httpx.Response) -> int:
-    """The body's declared length, or -1 (which no count of received bytes reaches) without one."""
-    value = response.headers.get("content-length", "")
-    return int(value) if value.isdigit() else -1
+    return headers, length
 
 
 def _too_large(size: str, limit: int) -> str:

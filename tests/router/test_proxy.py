@@ -137,8 +137,13 @@ def test_response_status_and_headers_come_back(upstream: str) -> None:
 
 def test_a_50_mb_response_streams_through_in_chunks(upstream: str) -> None:
     call = Call("GET", "/large", query=b"mb=50", keep_body_up_to=0)
-    samples: list[int] = []  # RSS every 5 MB or so of the body
-    call.on_body = lambda size: samples.append(rss()) if size % (5 * MB) < len(CHUNK) else None
+    samples: list[int] = []  # RSS at each 5 MB of the body passed
+
+    def sample(size: int) -> None:
+        if size >= (len(samples) + 1) * 5 * MB:
+            samples.append(rss())
+
+    call.on_body = sample
 
     async def scenario() -> None:
         instance = proxy(upstream)
