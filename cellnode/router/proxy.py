@@ -163,10 +163,11 @@ class ProxyInstance(ProxiedInstance):
         if self._closing is not None:
             raise NotStarted(f"Instance {self.instance_id!r} of node {self.node_id!r} was taken out of service.")
         self._outstanding += 1
+        exchange = _Exchange(self)
         try:
-            return await self._forward(scope, receive, send, deadline, request_id, response_headers)
+            return await self._forward(scope, receive, send, deadline, request_id, response_headers, exchange)
         finally:
-            self._outstanding -= 1
+            exchange.uncount()
 
     async def _forward(
         self,
@@ -176,6 +177,7 @@ class ProxyInstance(ProxiedInstance):
         deadline: float,
         request_id: str,
         extra: Sequence[tuple[bytes, bytes]],
+        exchange: _Exchange,
     ) -> int:
         loop = asyncio.get_running_loop()
         rid = request_id.encode()
@@ -184,7 +186,6 @@ class ProxyInstance(ProxiedInstance):
         answer: Answer | None = None
         response: httpx.Response | None = None
         status = 0  # the status sent to the client, once the response has started
-        exchange = _Exchange()
         try:
             async with asyncio.timeout_at(deadline) as timer:
                 body, chunked = await self._request_body(receive, headers, declared)
@@ -212,6 +213,7 @@ class ProxyInstance(ProxiedInstance):
                     remaining -= len(chunk)
                     if remaining == 0:  # complete by its Content-Length: the client need not wait for more
                         exchange.is_final = True
+                        exchange.uncount()
                         await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     else:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -222,6 +224,7 @@ class ProxyInstance(ProxiedInstance):
                 timer.reschedule(None)
                 if not exchange.is_final:
                     exchange.is_final = True
+                    exchange.uncount()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             if not timer.expired():
@@ -340,15 +343,24 @@ class ProxyInstance(ProxiedInstance):
 class _Exchange:
     """One forward's state that its disconnect watcher shares: the watcher cancels `task` if the client leaves."""
 
-    __slots__ = ("has_client_left", "is_final", "task", "watcher")
+    __slots__ = ("has_client_left", "instance", "is_final", "task", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, instance: ProxyInstance) -> None:
         task = asyncio.current_task()
         assert task is not None, "forward() runs in a task"
         self.task = task
+        self.instance: ProxyInstance | None = instance  # until the request no longer counts as outstanding
         self.watcher: asyncio.Task[None] | None = None
         self.is_final = False  # the last body message is under way: a disconnect now is the normal end
         self.has_client_left = False
+
+    def uncount(self) -> None:
+        """The instance has answered whole: the request leaves its outstanding count before the answer's last
+        bytes go to the client, whose next request on the same connection may arrive before this one's `send`
+        returns (the node's queue would count both)."""
+        if self.instance is not None:
+            self.instance._outstanding -= 1
+            self.instance = None
 
     def watch(self, receive: Receive) -> None:
         self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))

@@ -4,8 +4,10 @@ and close, and instances only on loopback."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from starlette.types import Message
 
 from cellnode.router.instance import NotStarted
 from cellnode.router.proxy import ProxyInstance
@@ -52,6 +54,32 @@ def test_outstanding_counts_a_request_until_its_body_ends(upstream: str) -> None
             await instance.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_request_stops_counting_before_its_last_bytes_go_to_the_client(upstream: str) -> None:
+    """The client's next request on its connection may come in before the last `send` returns; the node's queue
+    must not count the answered one beside it."""
+    seen: list[tuple[bool, int]] = []
+
+    async def scenario() -> None:
+        instance = proxy(upstream)
+        try:
+            for call in (Call(), Call("GET", "/drip", query=b"pause=0.01")):  # by its length; chunked to its end
+                send = call.send
+
+                async def counting(message: Message, send: Any = send, instance: ProxyInstance = instance) -> None:
+                    if message["type"] == "http.response.body":
+                        seen.append((message["more_body"], instance.outstanding))
+                    await send(message)
+
+                call.send = counting  # type: ignore[method-assign]
+                assert await forward(instance, call) == 200
+        finally:
+            await instance.aclose()
+
+    asyncio.run(scenario())
+    assert [outstanding for more, outstanding in seen if not more] == [0, 0]
+    assert all(outstanding == 1 for more, outstanding in seen if more)
 
 
 def test_health_and_close(upstream: str) -> None:
