@@ -194,11 +194,14 @@ def ensure_wrk() -> str:
     return found
 
 
-def launch_cellnode(tmp: Path, servers: list[Server]) -> tuple[Server, str, str]:
-    """A `cellnode serve --port 0` on a temp data dir, answering /health: the server, its URL and the admin key."""
+def launch_cellnode(tmp: Path, servers: list[Server], **extra_env: str) -> tuple[Server, str, str]:
+    """A `cellnode serve --port 0` on a temp data dir, answering /health: the server, its URL and the admin key.
+    `extra_env` goes into its environment too (`DOCKER_HOST=...` for docker nodes)."""
     data_dir = tmp / "data"
     # TMPDIR: the local backend's runtime directory (sockets, launch specs) goes under ours, removed at the end.
-    env = clean_env(CELLNODE_PROFILE=str(tmp / "profile.json"), CELLNODE_LOG_LEVEL="warning", TMPDIR=str(tmp))
+    env = clean_env(
+        CELLNODE_PROFILE=str(tmp / "profile.json"), CELLNODE_LOG_LEVEL="warning", TMPDIR=str(tmp), **extra_env
+    )
     argv = [sys.executable, "-m", "cellnode", "serve", "--port", "0", "--data-dir", str(data_dir)]
     server = Server("cellnode serve", argv, env, tmp / "cellnode.log")
     servers.append(server)
@@ -446,17 +449,17 @@ def report(summaries: dict[str, Summary], info: dict[str, Any], args: argparse.N
     }
 
 
-def save(entry: dict[str, Any]) -> None:
+def save(entry: dict[str, Any], path: Path = RESULTS) -> None:
     """Keep one entry per connection count in the results file, so runs at several counts sit side by side."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     existing: dict[str, Any] = {}
     with suppress(OSError, ValueError):
-        existing = json.loads(RESULTS.read_text())
+        existing = json.loads(path.read_text())
     by_connections = existing.get("by_connections") if isinstance(existing.get("by_connections"), dict) else {}
     assert isinstance(by_connections, dict)
     by_connections[str(entry["settings"]["connections"])] = entry
-    RESULTS.write_text(json.dumps({"by_connections": by_connections}, indent=2) + "\n")
-    print(f"\nResults written to {RESULTS.relative_to(ROOT)}")
+    path.write_text(json.dumps({"by_connections": by_connections}, indent=2) + "\n")
+    print(f"\nResults written to {path.relative_to(ROOT)}")
 
 
 # -- main
@@ -497,9 +500,17 @@ def parse_args() -> argparse.Namespace:
     return parse_wrk_args(__doc__, duration=10, per="system")
 
 
-def parse_wrk_args(description: str | None, *, duration: int, per: str) -> argparse.Namespace:
-    """The wrk options every benchmark here takes, with this one's default duration."""
+def parse_wrk_args(
+    description: str | None,
+    *,
+    duration: int,
+    per: str,
+    extra: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> argparse.Namespace:
+    """The wrk options every benchmark here takes, with this one's default duration; `extra` adds its own."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument(
         "--duration", type=int, default=duration, help=f"seconds of each measured wrk run (default {duration})"
     )
