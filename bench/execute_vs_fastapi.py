@@ -47,6 +47,7 @@ NOTEBOOK = ROOT / "examples" / "randomizer.ipynb"
 FASTAPI_APP = ROOT / "bench" / "fastapi_randomizer.py"
 LUA_SCRIPT = ROOT / "bench" / "wrk_post.lua"
 RESULTS = ROOT / "bench" / "results" / "execute_vs_fastapi.json"
+DRAIN_SECONDS = 1.0
 URL_LINE = re.compile(r"serving (http://\S+)")
 INPUT = {"input_data": {"left_bound": 1, "right_bound": 10}}
 START_TIMEOUT = 120.0
@@ -340,9 +341,17 @@ def run_wrk(wrk: str, target: Target, *, duration: int, connections: int, thread
     return result.stdout, server_after - server_before, children_after - children_before
 
 
-def measure(wrk: str, target: Target, args: argparse.Namespace) -> WrkRun:
+def warm_up(wrk: str, target: Target, args: argparse.Namespace) -> None:
+    """A discarded run, then a pause: wrk stops with requests under way, which the server still finishes (a client
+    that leaves before its answer's head does not cancel it), and they would count in the node's queue at the start
+    of the measured run."""
     if args.warmup > 0:
         run_wrk(wrk, target, duration=args.warmup, connections=args.connections, threads=args.threads)
+        time.sleep(DRAIN_SECONDS)
+
+
+def measure(wrk: str, target: Target, args: argparse.Namespace) -> WrkRun:
+    warm_up(wrk, target, args)
     output, server_cpu, child_cpu = run_wrk(
         wrk, target, duration=args.duration, connections=args.connections, threads=args.threads
     )

@@ -56,6 +56,7 @@ from execute_vs_fastapi import (
     save,
     summarize,
     tree_cpu_seconds,
+    warm_up,
 )
 from grpc_vs_rest import git
 
@@ -395,8 +396,7 @@ def verify(dep: Deployment, target: Target, calls: int = 50) -> None:
 def measure_run(wrk: str, target: Target, dep: Deployment, engine: Engine, args: argparse.Namespace) -> Run:
     """A discarded warm-up, then a measured wrk run with the CPU of cellnode, the container, the engine and everything
     else counted, and the cellnode process's connections to the container watched."""
-    if args.warmup > 0:
-        run_wrk(wrk, target, duration=args.warmup, connections=args.connections, threads=args.threads)
+    warm_up(wrk, target, args)
     no_warmup = argparse.Namespace(**{**vars(args), "warmup": 0})
     container = ContainerCpu(dep.container_pid)
     me = psutil.Process()
