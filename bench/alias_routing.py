@@ -48,6 +48,7 @@ from execute_vs_fastapi import (
     run_wrk,
     summarize,
     verify,
+    wrk_settings,
 )
 
 from cellnode import Client
@@ -218,6 +219,20 @@ def check_routing(dep: Deployment) -> dict[str, Any]:
 # -- measurement and report
 
 
+def busy_rounds(cores: dict[str, list[float]]) -> list[str]:
+    """The rounds (per system, the other processes' cores in each) disturbed by more than BUSY_OTHERS cores of other
+    work; printed, and returned for the results."""
+    busy = [
+        f"{name} round {index + 1} ({value:.2f} cores)"
+        for name, values in cores.items()
+        for index, value in enumerate(values)
+        if value > BUSY_OTHERS
+    ]
+    if busy:
+        print(f"Other processes used more than {BUSY_OTHERS} cores during: {', '.join(busy)}; consider a rerun")
+    return busy
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
     """Machine-wide CPU seconds in user, nice and system mode, and stolen by the hypervisor (from /proc/stat)."""
     user, nice, system, _, _, _, _, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
@@ -278,14 +293,7 @@ def report(variants: dict[str, Variant], info: dict[str, Any], args: argparse.Na
             f"{r['throughput']:>8.2f} {r['p50_latency']:>6.2f} {r['p99_latency']:>6.2f} "
             f"{r['cpu_per_request']:>6.2f}  {rounds}"
         )
-    busy = [
-        f"{name} round {index + 1} ({b.others_cores:.2f} cores)"
-        for name, v in variants.items()
-        for index, b in enumerate(v.background)
-        if b.others_cores > BUSY_OTHERS
-    ]
-    if busy:
-        print(f"Other processes used more than {BUSY_OTHERS} cores during: {', '.join(busy)}")
+    busy_rounds({name: [b.others_cores for b in v.background] for name, v in variants.items()})
     mirror = variants["alias-mirror"].mirror
     copies, requests = sum(m.copies for m in mirror), sum(m.requests for m in mirror)
     if requests:
@@ -300,11 +308,7 @@ def report(variants: dict[str, Variant], info: dict[str, Any], args: argparse.Na
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {
-            "duration_s": args.duration,
-            "rounds": args.rounds,
-            "connections": args.connections,
-            "wrk_threads": min(args.threads, args.connections),
-            "warmup_s": args.warmup,
+            **wrk_settings(args),
             "route_keys_per_wrk_thread": ROUTE_KEYS,
             "mirror_percent": MIRROR_PERCENT,
         },

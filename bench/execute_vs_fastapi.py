@@ -445,16 +445,23 @@ def report(summaries: dict[str, Summary], info: dict[str, Any], args: argparse.N
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {
-            "duration_s": args.duration,
-            "rounds": args.rounds,
-            "connections": args.connections,
-            "wrk_threads": min(args.threads, args.connections),
-            "warmup_s": args.warmup,
+            **wrk_settings(args),
         },
         "machine": info,
         "systems": {name: asdict(s) for name, s in summaries.items()},
         "ratios_cellnode_over_fastapi": ratios,
         "errors": errors,
+    }
+
+
+def wrk_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The wrk options of a run, as the results record them."""
+    return {
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "wrk_threads": min(args.threads, args.connections),
+        "warmup_s": args.warmup,
     }
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 import httpx
-from alias_routing import BUSY_OTHERS, machine_cpu_seconds, waited_children_cpu_seconds
+from alias_routing import busy_rounds, machine_cpu_seconds, waited_children_cpu_seconds
 from execute_vs_fastapi import (
     INPUT,
     NOTEBOOK,
@@ -558,14 +558,7 @@ def report(summaries: dict[str, Summary], info: dict[str, Any], args: argparse.N
             f"{r['mean_latency']:.2f}x, p50 {r['p50_latency']:.2f}x, p99 {r['p99_latency']:.2f}x, CPU per request "
             f"{r['cpu_per_request']:.2f}x (front alone {r['front_cpu_per_request']:.2f}x)"
         )
-    busy = [
-        f"{name} round {index + 1} ({run.others_cores:.2f} cores)"
-        for name, s in summaries.items()
-        for index, run in enumerate(s.runs)
-        if run.others_cores > BUSY_OTHERS
-    ]
-    if busy:
-        print(f"Other processes used more than {BUSY_OTHERS} cores during: {', '.join(busy)}; consider a rerun")
+    busy = busy_rounds({name: [run.others_cores for run in s.runs] for name, s in summaries.items()})
     problems = {name: s.problems for name, s in summaries.items() if s.problems}
     if problems:
         print(f"\n!!! PROBLEMS during measurement: {problems}; these figures are not valid !!!", file=sys.stderr)

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import psutil
-from alias_routing import BUSY_OTHERS, Background, machine_cpu_seconds, waited_children_cpu_seconds
+from alias_routing import Background, busy_rounds, machine_cpu_seconds, waited_children_cpu_seconds
 from execute_vs_fastapi import (
     ROOT,
     Server,
@@ -57,6 +57,7 @@ from execute_vs_fastapi import (
     summarize,
     tree_cpu_seconds,
     warm_up,
+    wrk_settings,
 )
 from grpc_vs_rest import git
 
@@ -553,25 +554,14 @@ def report(
         f"{reuse['bound']}), {reuse['closed_during_runs']} closed in all runs, at least "
         f"{reuse['fewest_requests_per_connection']:.0f} requests per connection"
     )
-    busy = [
-        f"{name} round {index + 1} ({b.others_cores:.2f} cores)"
-        for name, s in systems.items()
-        for index, b in enumerate(s.background)
-        if b.others_cores > BUSY_OTHERS
-    ]
-    if busy:
-        print(f"Other processes used more than {BUSY_OTHERS} cores during: {', '.join(busy)}")
+    busy_rounds({name: [b.others_cores for b in s.background] for name, s in systems.items()})
     errors = {name: s.summary.errors for name, s in systems.items() if s.summary.errors}
     if errors:
         print(f"\n!!! ERRORS during measurement: {errors}; these figures are not valid !!!", file=sys.stderr)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {
-            "duration_s": args.duration,
-            "rounds": args.rounds,
-            "connections": args.connections,
-            "wrk_threads": min(args.threads, args.connections),
-            "warmup_s": args.warmup,
+            **wrk_settings(args),
             "body": BODY,
             "healthcheck": HEALTHCHECK,
             "max_queue": dep.max_queue,
