@@ -35,8 +35,8 @@ class Broken(Exception):
 
 class Pool:
     """Connections to one `host:port`: at most `max_connections` open, at most `max_idle` of them kept idle, each
-    for at most `keepalive_expiry` seconds (below the 5 s after which uvicorn, and many servers, close an idle one,
-    so that a request rarely meets a connection the instance is closing)."""
+    for at most `keepalive_expiry` seconds, or until the instance closes it (seen as it happens, in
+    `connection_lost`)."""
 
     def __init__(
         self, host: str, port: int, *, max_connections: int = 256, max_idle: int = 64, keepalive_expiry: float = 4.0

@@ -70,8 +70,8 @@ REQUEST_DROPPED = HOP_BY_HOP | {b"authorization", b"host", b"expect", b"x-reques
 # `x-cellnode-error` marks cellnode's own errors (`cellnode.api.errors.error_response`): a service cannot claim it.
 RESPONSE_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id", b"x-cellnode-error"}
 # Per instance. The node's queue (`NodeRoute.max_queue`) bounds the requests under way; past max_connections a
-# request waits for a free connection, within its deadline. An idle connection is kept 4 s: less than the 5 s after
-# which uvicorn (and many servers) close it, so that a request rarely meets one the instance is closing.
+# request waits for a free connection, within its deadline. A node's instances keep an idle connection for its
+# `idle_timeout` (`supervisor.launch.proxy_instance`); 4 s, below uvicorn's 5 s, where nothing says otherwise.
 DEFAULT_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
 URL_CACHE_SIZE = 256
 UNSAFE = re.compile(rb"[^\x21-\x7e]")  # a request target is visible ASCII
