@@ -199,6 +199,26 @@ def test_a_client_that_leaves_mid_body_ends_the_forward(upstream: str) -> None:
     asyncio.run(scenario())
 
 
+def test_a_client_that_leaves_before_the_answer_frees_the_instance(upstream: str) -> None:
+    """As nginx does: the instance's connection is closed, and the request no longer counts in the node's queue."""
+    call = Call("GET", "/slow", query=b"seconds=5")
+
+    async def scenario() -> None:
+        instance = proxy(upstream)
+        try:
+            task = asyncio.create_task(forward(instance, call))
+            await asyncio.sleep(0.2)
+            assert instance.outstanding == 1 and instance._pool is not None and instance._pool.connections == 1
+            call.leave.set()
+            assert await asyncio.wait_for(task, 1) == 499, "the metrics' status for a client that left"
+            assert instance.outstanding == 0 and instance._pool.connections == 0 and call.start is None
+            assert await forward(instance, Call("GET", "/echo/again")) == 200, "the instance still serves"
+        finally:
+            await instance.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_caller_cancelling_the_forward_is_not_swallowed(upstream: str) -> None:
     async def scenario() -> None:
         instance = proxy(upstream)
