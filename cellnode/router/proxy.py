@@ -24,8 +24,9 @@ connection was refused: nothing ran, another instance may take the request), Una
 after the request was sent), DeadlineExceeded, PayloadTooLarge, InvalidArgument (the client left before it sent
 its whole body). Once `http.response.start` has been sent no error answer can follow, so a failure raises
 `ResponseAborted`: the front must let it end the ASGI call, and the server then drops the client's connection,
-the only way left to tell the client that the body is incomplete. A client that disconnects while the body streams
-ends the forward quietly, and the instance's connection is closed.
+the only way left to tell the client that the body is incomplete. A client that disconnects while the body streams,
+or while the answer is more than `WATCH_AFTER` late, ends the forward quietly (499 for the metrics), and the
+instance's connection is closed.
 
 Only "http" and "http2" endpoints come through here. "http" goes through `cellnode.router.http1`'s pool (written
 for this hot path: httpx's took most of the front's CPU, see bench/README.md); "http2" speaks h2c with prior
