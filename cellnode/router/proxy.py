@@ -126,12 +126,13 @@ class ProxyInstance(ProxiedInstance):
         self._transport: httpx.AsyncHTTPTransport | None = None
         if endpoint == "http":
             host, _, port = address.rpartition(":")
+            unbounded = 2**31  # httpx's None: no limit
             self._pool = Pool(
                 host.strip("[]"),
                 int(port),
-                max_connections=limits.max_connections or 256,
-                max_idle=limits.max_keepalive_connections or 0,
-                keepalive_expiry=limits.keepalive_expiry or 0.0,
+                max_connections=unbounded if limits.max_connections is None else limits.max_connections,
+                max_idle=unbounded if limits.max_keepalive_connections is None else limits.max_keepalive_connections,
+                keepalive_expiry=float("inf") if limits.keepalive_expiry is None else limits.keepalive_expiry,
             )
         else:
             # Not an httpx.AsyncClient: its `send` logs every request at INFO and keeps the instance's cookies in a

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 from starlette.types import Message
 
@@ -107,3 +108,13 @@ def test_health_and_close(upstream: str) -> None:
 def test_only_loopback_instances(address: str) -> None:
     with pytest.raises(ValueError, match="not on loopback"):
         ProxyInstance("i1", "n1", address, "http", 1.0)
+
+
+def test_httpx_limits_of_none_mean_no_limit() -> None:
+    unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=None)
+    instance = ProxyInstance("i1", "n1", "127.0.0.1:9", "http", 5.0, limits=unbounded)
+    pool = instance._pool
+    assert pool is not None and pool.max_connections >= 2**31 and pool.max_idle >= 2**31
+    assert pool.keepalive_expiry == float("inf")
+    limited = ProxyInstance("i2", "n1", "127.0.0.1:9", "http", 5.0, limits=httpx.Limits(max_connections=3))
+    assert limited._pool is not None and limited._pool.max_connections == 3
