@@ -6,15 +6,20 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import httpx
+import uvicorn
+from starlette.types import ASGIApp
 
 from cellnode.client import Client
 
@@ -106,6 +111,27 @@ class ServerProcess:
 
     def log(self) -> str:
         return "".join(self.output)
+
+
+@contextmanager
+def serve_asgi(app: ASGIApp, lifespan: Literal["on", "off"] = "off") -> Iterator[str]:
+    """`app` served by uvicorn in a thread on a free loopback port; yields its `127.0.0.1:PORT`."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan=lifespan, ws="none", log_level="critical", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def notebook(tmp: Path, *cells: str, name: str = "nb.ipynb") -> Path:

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.router.proxy_helpers import UPSTREAM, serve
+from tests.helpers import serve_asgi
+from tests.router.proxy_helpers import UPSTREAM
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    with serve(UPSTREAM) as address:
+    with serve_asgi(UPSTREAM) as address:
         yield address

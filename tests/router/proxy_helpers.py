@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import Message, Scope
 
 from cellnode.router.proxy import ProxyInstance
 
@@ -113,27 +109,6 @@ UPSTREAM = Starlette(
         Route("/abort", abort),
     ]
 )
-
-
-@contextmanager
-def serve(app: ASGIApp, lifespan: Literal["on", "off"] = "off") -> Iterator[str]:
-    """`app` served by uvicorn in a thread on a free loopback port; yields its `127.0.0.1:PORT`."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan=lifespan, ws="none", log_level="critical", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 # The front's side of one call, built by hand: a scope, a receive that gives the body in the chunks given and then

@@ -17,7 +17,8 @@ from starlette.types import Receive, Scope, Send
 from cellnode.api.errors import error_response
 from cellnode.exceptions import APIError, InvalidArgument
 from cellnode.router.proxy import ProxyInstance
-from tests.router.proxy_helpers import CHUNK, MB, Call, forward, proxy, serve
+from tests.helpers import serve_asgi
+from tests.router.proxy_helpers import CHUNK, MB, Call, forward, proxy
 
 
 def rss() -> int:
@@ -267,7 +268,7 @@ class Front:
 
 @pytest.fixture(scope="module")
 def front(upstream: str) -> Iterator[str]:
-    with serve(Front(proxy(upstream, timeout=1.0)), lifespan="on") as address:
+    with serve_asgi(Front(proxy(upstream, timeout=1.0)), lifespan="on") as address:
         yield f"http://{address}"
 
 

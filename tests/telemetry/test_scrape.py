@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +24,7 @@ from starlette.routing import Route
 from cellnode.router.table import RoutingTable
 from cellnode.telemetry.metrics import Metrics
 from cellnode.telemetry.scrape import Scraper
+from tests.helpers import serve_asgi
 
 # Page name -> what it answers: a body, an HTTP status, or one of the behaviours in `page`.
 PAGES: dict[str, bytes | int | str] = {}
@@ -59,32 +58,10 @@ async def _oversized() -> AsyncIterator[bytes]:
         yield chunk
 
 
-@contextmanager
-def serve() -> Iterator[str]:
-    """The instances' pages served by uvicorn in a thread on a free loopback port; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = Starlette(routes=[Route("/{name}", page)])
-    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="critical", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    with serve() as url:
-        yield url
+    with serve_asgi(Starlette(routes=[Route("/{name}", page)])) as address:
+        yield f"http://{address}"
 
 
 def app_page(requests: int, temperature: float) -> bytes:
